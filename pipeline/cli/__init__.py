@@ -1,0 +1,58 @@
+"""The `satseg` command line: one module per command; the library never imports this package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import __version__
+from pipeline.cli import demo, evaluate, query, run, train
+from schemas.errors import SatsegError
+
+__all__ = ["main"]
+
+COMMANDS = {"run": run, "evaluate": evaluate, "query": query, "train": train, "demo": demo}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="satseg",
+        description="Segment large satellite scenes on Ray, evaluate with Dask, report to Parquet.",
+    )
+    parser.add_argument("--version", action="version", version=f"satseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.main)
+    return parser
+
+
+def _user_error(err: BaseException) -> SatsegError | None:
+    """The user error behind ``err``, also when Ray wrapped it in a task error."""
+    seen = 0
+    while err is not None and seen < 5:
+        if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__
+        seen += 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print("satseg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (user errors become one line; others keep their traceback)
+        user = _user_error(err)
+        if user is None:
+            raise
+        print(f"satseg: error: {user}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""`satseg run`: run a tiling job from a job file or from flags."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli.summary import print_job_summary
+from schemas.errors import SpecError
+from schemas.job import job_from_dict, load_job
+
+HELP = "run a tiling job (JOB.yaml, or --image ...) on the local Ray instance or a given cluster"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job YAML file (scenes, model, tiling); flags below override it")
+    p.add_argument("--image", help="input GeoTIFF (instead of a job file)")
+    p.add_argument("--labels", help="label GeoTIFF aligned with the image; enables metrics")
+    p.add_argument("--name", help="scene name for outputs (default: image file name)")
+    p.add_argument("--model", help="registry model name (see workers.models); implied by --checkpoint")
+    p.add_argument("--checkpoint", help="safetensors checkpoint written by `satseg train`")
+    p.add_argument("--classes", help="comma-separated class names (needed without a checkpoint)")
+    p.add_argument("--bands", help="comma-separated 1-based band indexes (default: checkpoint's, else all)")
+    p.add_argument("--tile-size", type=int, help="tile size in pixels, a multiple of 32 (default 512)")
+    p.add_argument("--overlap", type=int, help="overlap between neighbouring tiles in pixels (default 64)")
+    p.add_argument("--chunk-size", type=int, help="output chunk size in pixels (default: ~2048, whole strides)")
+    p.add_argument("--stitch", choices=["blend", "crop"], help="blend overlapping tiles or crop their cores (default blend)")
+    p.add_argument("--window", choices=["hann", "triangular", "gaussian", "uniform"], help="blend window (default hann)")
+    p.add_argument("--batch-size", type=int, help="tiles per model call (default 8)")
+    p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, else one)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto)")
+    p.add_argument("--ignore-index", type=int, help="label value counted nowhere (default 255)")
+    p.add_argument("--out", help="output folder (default satseg-output)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+_FLAG_FIELDS = {
+    "model": "model", "checkpoint": "checkpoint", "tile_size": "tile_size", "overlap": "overlap",
+    "chunk_size": "chunk_size", "stitch": "stitch", "window": "window", "batch_size": "batch_size",
+    "num_actors": "num_actors", "device": "device", "ignore_index": "ignore_index", "out": "out", "address": "address",
+}
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 1,2,3,4") from None
+
+
+def spec_from_args(args: argparse.Namespace):
+    overrides = {f: getattr(args, a) for a, f in _FLAG_FIELDS.items() if getattr(args, a) is not None}
+    if args.classes:
+        overrides["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.bands:
+        overrides["bands"] = _int_list(args.bands, "--bands")
+    if args.job:
+        if args.image:
+            raise SpecError("give either a job file or --image, not both")
+        spec = load_job(args.job)
+        data = spec.model_dump(mode="json")
+        data.update(overrides)
+        return job_from_dict(data, args.job)
+    if not args.image:
+        raise SpecError("nothing to run: give a job file (satseg run JOB.yaml) or --image IMG.tif")
+    scene = {"image": args.image, "labels": args.labels, "name": args.name}
+    return job_from_dict({"scenes": [scene], **overrides})
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.run import run_job
+
+    spec = spec_from_args(args)
+    result = run_job(spec, show_progress=not args.quiet)
+    print_job_summary(result)
+    return 0

@@ -1,0 +1,39 @@
+"""Connecting to Ray: a local instance bound to loopback, or a given cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["connect", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+    """Initialise Ray once per process; returns True when a cluster address was used.
+
+    Without an address (and no ``RAY_ADDRESS``) a local instance starts on
+    127.0.0.1 with no dashboard, so no traffic leaves the machine.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return address is not None
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        runtime_env = {
+            "working_dir": str(REPO_ROOT),
+            "excludes": [".venv", ".git", "demo-output", "**/*.zarr", "**/*.tif", "**/__pycache__"],
+        }
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
+        return True
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    return False

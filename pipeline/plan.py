@@ -1,0 +1,55 @@
+"""Planning a scene from its metadata: the chunk grid, the lattice, one task per chunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.geometry import ChunkGrid, TileLattice, Window
+
+__all__ = ["ChunkTask", "ScenePlan", "plan_scene"]
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """What one output chunk needs: its window, the tiles touching it, and the window to read."""
+
+    row: int
+    col: int
+    chunk: Window
+    tiles: tuple[tuple[int, int], ...]
+    read: Window
+
+    @property
+    def key(self) -> str:
+        return f"{self.row}.{self.col}"
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """The whole plan of one scene; built from metadata alone, holds no pixels."""
+
+    height: int
+    width: int
+    grid: ChunkGrid
+    lattice: TileLattice
+    mode: str
+
+    def task(self, row: int, col: int) -> ChunkTask:
+        chunk = self.grid.window(row, col)
+        tiles = tuple(self.lattice.tiles_touching(chunk, cores_only=self.mode == "crop"))
+        return ChunkTask(row, col, chunk, tiles, self.lattice.extent(list(tiles)))
+
+    def tasks(self) -> list[ChunkTask]:
+        return [self.task(r, c) for r, c in self.grid]
+
+    @property
+    def tiles_computed(self) -> int:
+        """Tile evaluations over all chunks (tiles on chunk edges count once per chunk)."""
+        return sum(len(t.tiles) for t in self.tasks())
+
+
+def plan_scene(height: int, width: int, *, tile: int, overlap: int, chunk: int, mode: str) -> ScenePlan:
+    """Plan a scene of ``height`` x ``width`` pixels."""
+    if mode not in ("blend", "crop"):
+        raise ValueError(f"unknown stitch mode {mode!r}; choose blend or crop")
+    return ScenePlan(height, width, ChunkGrid(height, width, chunk), TileLattice(height, width, tile, overlap), mode)

@@ -1,0 +1,82 @@
+"""Querying reports with DuckDB: each report table becomes a view of the same name."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import duckdb
+
+from schemas.errors import SpecError
+from schemas.store import REPORT_TABLES
+
+__all__ = ["resolve_reports", "connect_reports", "run_query", "format_rows"]
+
+
+def resolve_reports(path: str | Path) -> Path:
+    """Accept a reports folder or a job output folder holding ``reports/``."""
+    path = Path(path)
+    if (path / "reports").is_dir():
+        path = path / "reports"
+    if not path.is_dir():
+        raise SpecError(f"{path}: no reports folder here; pass --reports OUT/reports of a finished job")
+    return path
+
+
+def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one view per report table found under ``reports``."""
+    reports = resolve_reports(reports)
+    con = duckdb.connect(":memory:")
+    found = 0
+    for table in REPORT_TABLES:
+        files = sorted((reports / table).glob("*/*.parquet"))
+        if not files:
+            continue
+        glob = str(reports / table / "*" / "*.parquet").replace("'", "''")
+        con.execute(
+            f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
+        )
+        found += 1
+    if not found:
+        raise SpecError(f"{reports}: no report tables found; run a job with --out pointing here first")
+    return con
+
+
+def run_query(reports: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Column names and rows of ``sql`` over the report views."""
+    con = connect_reports(reports)
+    try:
+        cur = con.execute(sql)
+    except duckdb.Error as err:
+        first = str(err).splitlines()[0]
+        raise SpecError(f"query failed: {first}; tables are {', '.join(REPORT_TABLES)}") from None
+    if cur.description is None:
+        return [], []
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
+def _plain(v):
+    if isinstance(v, float):
+        return round(v, 6)
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return v
+
+
+def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    """Rows as csv, json (one object per row) or an aligned text table."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        w.writerows([[_plain(v) for v in r] for r in rows])
+        return buf.getvalue().rstrip("\n")
+    if fmt == "json":
+        return json.dumps([{c: _plain(v) for c, v in zip(columns, r)} for r in rows], indent=2, default=str)
+    cells = [[str(c) for c in columns]] + [["" if v is None else f"{_plain(v)}" for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

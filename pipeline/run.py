@@ -1,0 +1,324 @@
+"""Running a tiling job: plan, read (Ray tasks), predict and stitch (Ray actors), write, evaluate, report.
+
+The driver holds no pixels: it keeps at most ``max_windows_in_flight`` chunks
+moving and collects only small results. A scene is marked complete after its
+last chunk and its reports are written; a rerun resumes from chunk markers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dask
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.cluster import connect
+from pipeline.evaluate import chunk_counts, dask_scheduler, label_array, open_mask
+from pipeline.metrics import SegmentationMetrics, segmentation_metrics
+from pipeline.plan import ScenePlan, plan_scene
+from pipeline.progress import progress_bar
+from pipeline.report import classes_table, scenes_table, tiles_table, write_table
+from schemas.errors import CheckpointError, OutputConflictError, SpecError
+from schemas.job import JobSpec, SceneSpec
+from schemas.store import OutputLayout
+from workers.predictor import ModelSource
+from workers.reader import SceneInfo, check_bands, check_labels_match, open_scene
+
+__all__ = ["ResolvedModel", "SceneResult", "JobResult", "resolve_model", "run_job"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model a job runs, with everything needed to feed it."""
+
+    source: ModelSource
+    class_names: list[str]
+    bands: list[int] | None  # None: every band of the scene
+    mean: list[float] | None
+    std: list[float] | None
+    checkpoint_sha256: str | None
+
+
+@dataclass
+class SceneResult:
+    name: str
+    info: SceneInfo
+    mask: Path
+    metrics: SegmentationMetrics | None
+    seconds: float
+    predict_seconds: float
+    megapixels_per_second: float
+    chunks_total: int
+    chunks_resumed: int
+    resumed_whole: bool = False
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    layout: OutputLayout
+    model: ResolvedModel
+    scenes: list[SceneResult] = field(default_factory=list)
+
+
+def resolve_model(spec: JobSpec) -> ResolvedModel:
+    """The model from the checkpoint (its metadata is enough) or from the registry name."""
+    if spec.checkpoint is not None:
+        from workers.models import load_checkpoint
+
+        ckpt = load_checkpoint(spec.checkpoint)
+        if spec.model and spec.model != ckpt.model:
+            raise CheckpointError(
+                f"{spec.checkpoint}: checkpoint holds model {ckpt.model}, not {spec.model}; drop --model or pass a matching checkpoint"
+            )
+        if spec.classes and list(spec.classes) != list(ckpt.class_names):
+            raise CheckpointError(
+                f"{spec.checkpoint}: checkpoint classes {list(ckpt.class_names)} differ from the job's {spec.classes}; "
+                "drop `classes` or pass a matching checkpoint"
+            )
+        if spec.bands and len(spec.bands) != len(ckpt.bands):
+            raise CheckpointError(
+                f"{spec.checkpoint}: checkpoint expects {len(ckpt.bands)} bands, the job selects {len(spec.bands)}; "
+                "select as many bands as the model was trained on"
+            )
+        source = ModelSource(ckpt.model, len(ckpt.bands), len(ckpt.class_names), dict(ckpt.model_kwargs), str(spec.checkpoint))
+        return ResolvedModel(source, list(ckpt.class_names), list(spec.bands or ckpt.bands), list(ckpt.mean), list(ckpt.std), ckpt.sha256)
+    from workers.models import list_models
+
+    if spec.model not in list_models():
+        raise SpecError(f"unknown model {spec.model!r}; choose one of {', '.join(list_models())}")
+    classes = list(spec.classes or [])
+    source = ModelSource(spec.model, len(spec.bands) if spec.bands else 0, len(classes), dict(spec.model_options), None, spec.seed)
+    return ResolvedModel(source, classes, list(spec.bands) if spec.bands else None, None, None, None)
+
+
+def _scene_bands(model: ResolvedModel, info: SceneInfo) -> list[int]:
+    bands = model.bands or list(range(1, info.count + 1))
+    check_bands(info, bands)
+    if model.source.checkpoint and len(bands) != model.source.in_channels:
+        raise CheckpointError(
+            f"{info.path}: image has {len(bands)} bands, checkpoint {model.source.checkpoint} expects "
+            f"{model.source.in_channels}; select bands with --bands or use a matching checkpoint"
+        )
+    return bands
+
+
+def _job_id(spec: JobSpec, model: ResolvedModel) -> str:
+    keep = spec.model_dump(mode="json", exclude={"out", "address", "num_actors", "max_windows_in_flight", "batch_size", "device"})
+    keep["checkpoint_sha256"] = model.checkpoint_sha256
+    keep["scenes"] = sorted(keep["scenes"], key=lambda s: s["image"])
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _claim_output(layout: OutputLayout, job_id: str, spec: JobSpec) -> None:
+    """Record this job in the output folder, or refuse a folder holding another job's results."""
+    if layout.job_file.exists():
+        try:
+            other = json.loads(layout.job_file.read_text()).get("job_id")
+        except (OSError, ValueError):
+            other = None
+        if other != job_id:
+            raise OutputConflictError(
+                f"{layout.root}: holds results of another job ({other or 'unknown'}); choose another --out or remove that folder"
+            )
+        return
+    leftovers = [p for p in (layout.masks, layout.reports, layout.state) if p.exists()]
+    if leftovers:
+        raise OutputConflictError(
+            f"{layout.root}: holds satseg outputs ({leftovers[0].name}/) but no job.json; choose another --out or remove them"
+        )
+    layout.root.mkdir(parents=True, exist_ok=True)
+    record = {"job_id": job_id, "satseg_version": __version__, "spec": spec.model_dump(mode="json")}
+    tmp = layout.job_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(layout.job_file)
+
+
+def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[tuple[SceneSpec, SceneInfo, SceneInfo | None, list[int]]]:
+    """Check every scene from metadata before any work starts, so bad input fails fast."""
+    out = []
+    for scene in spec.scenes:
+        info = open_scene(scene.image)
+        bands = _scene_bands(model, info)
+        labels = None
+        if scene.labels is not None:
+            labels = open_scene(scene.labels, role="label")
+            check_labels_match(info, labels)
+        out.append((scene, info, labels, bands))
+    return out
+
+
+def _actors(spec: JobSpec, source: ModelSource):
+    import ray
+
+    from workers.predictor import TilePredictor
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if spec.device != "cpu" and gpus >= 1:
+        n = spec.num_actors or gpus
+        opts = {"num_gpus": 1, "num_cpus": 1}
+        threads = None
+    else:
+        cpus = max(1, int(resources.get("CPU", 1)))
+        n = spec.num_actors or 1
+        opts = {"num_gpus": 0, "num_cpus": 1}
+        threads = max(1, cpus // n)
+    cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
+    device = "cuda" if opts["num_gpus"] else "cpu"
+    return [cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads) for _ in range(n)]
+
+
+def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress) -> SceneResult:
+    import ray
+
+    from workers.tasks import read_window_task, write_chunk_task
+    from workers.writer import chunks_done, create_mask_store, set_store_attrs
+
+    name = scene.scene_name
+    t0 = time.perf_counter()
+    chunk = spec.effective_chunk_size
+    plan = plan_scene(info.height, info.width, tile=spec.tile_size, overlap=spec.overlap, chunk=chunk, mode=spec.stitch)
+    store = layout.mask_store(name)
+    markers = layout.chunk_markers(name)
+    done = chunks_done(markers) if store.exists() else set()
+    if not done:
+        if markers.exists():
+            shutil.rmtree(markers)
+        create_mask_store(
+            store,
+            info,
+            chunk,
+            {"class_names": model.class_names, "satseg_job_id": job_id, "satseg_complete": False, "source_image": str(scene.image)},
+        )
+    mean = model.mean or [0.0] * len(bands)
+    std = model.std or [1.0] * len(bands)
+    tasks = [t for t in plan.tasks() if t.key not in done]
+    limit = spec.max_windows_in_flight or 2 * len(actors) + 1
+    bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(plan.grid) - len(tasks))
+    in_flight: dict = {}
+    queue = iter(tasks)
+    submitted = 0
+    exhausted = False
+    while not exhausted or in_flight:
+        while not exhausted and len(in_flight) < limit:
+            task = next(queue, None)
+            if task is None:
+                exhausted = True
+                break
+            data = read_window_task.remote(str(scene.image), task.read, bands, mean, std)
+            actor = actors[submitted % len(actors)]
+            mask = actor.predict_chunk.remote(data, task, plan, spec.window)
+            in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task
+            submitted += 1
+        if in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                ray.get(ref)
+                in_flight.pop(ref)
+                progress.advance(bar)
+    predict_seconds = time.perf_counter() - t0
+
+    ev = progress.add_task(f"{name} evaluate", total=1)
+    mask_da = open_mask(store)
+    labels_da = label_array(str(scene.labels), mask_da.shape, mask_da.chunks) if labels is not None else None
+    with dask.config.set(scheduler=dask_scheduler(use_ray_dask)):
+        counts = chunk_counts(mask_da, labels_da, len(model.class_names), ignore_index=spec.ignore_index)
+    metrics = segmentation_metrics(counts.total_confusion) if counts.total_confusion is not None else None
+    progress.advance(ev)
+    seconds = time.perf_counter() - t0
+    mpx = info.height * info.width / 1e6
+    row = {
+        "scene": name,
+        "image": str(scene.image),
+        "labels": str(scene.labels) if scene.labels else None,
+        "mask": str(store),
+        "height": info.height,
+        "width": info.width,
+        "bands": bands,
+        "num_classes": len(model.class_names),
+        "class_names": model.class_names,
+        "crs": info.crs,
+        "valid_pixels": int(counts.valid.sum()),
+        "model": model.source.name,
+        "checkpoint": model.source.checkpoint,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "tile_size": spec.tile_size,
+        "overlap": spec.overlap,
+        "chunk_size": chunk,
+        "stitch": spec.stitch,
+        "window": spec.window,
+        "tiles_computed": sum(len(t.tiles) for t in tasks),
+        "chunks_resumed": len(done),
+        "seconds": seconds,
+        "predict_seconds": predict_seconds,
+        "evaluate_seconds": seconds - predict_seconds,
+        "megapixels_per_second": mpx / predict_seconds if predict_seconds > 0 else None,
+        "satseg_version": __version__,
+        "finished_at": datetime.now(timezone.utc),
+    }
+    write_table(tiles_table(name, plan, info, counts), layout.report_file("tiles", job_id, name))
+    write_table(classes_table(name, model.class_names, metrics, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
+    write_table(scenes_table(row, metrics), layout.report_file("scenes", job_id, name))
+    set_store_attrs(store, satseg_complete=True)
+    layout.scene_done(name).parent.mkdir(parents=True, exist_ok=True)
+    layout.scene_done(name).write_text(json.dumps({"job_id": job_id, "finished_at": row["finished_at"].isoformat()}))
+    return SceneResult(name, info, store, metrics, seconds, predict_seconds, row["megapixels_per_second"] or 0.0, len(plan.grid), len(done))
+
+
+def _finished_scene(layout: OutputLayout, job_id: str, name: str, info: SceneInfo) -> SceneResult:
+    """A scene finished by an earlier run of the same job, read back from its report."""
+    row = pq.read_table(layout.report_file("scenes", job_id, name)).to_pylist()[0]
+    metrics = None
+    if row["confusion"] is not None:
+        c = row["num_classes"]
+        metrics = segmentation_metrics(np.asarray(row["confusion"], dtype=np.int64).reshape(c, c))
+    return SceneResult(
+        name, info, layout.mask_store(name), metrics, row["seconds"], row["predict_seconds"],
+        row["megapixels_per_second"] or 0.0, 0, 0, resumed_whole=True,
+    )
+
+
+def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
+    """Run every scene of ``spec``; scenes finished by an earlier run of the same job are skipped."""
+    model = resolve_model(spec)
+    scenes = _validate_scenes(spec, model)
+    if model.source.in_channels == 0:  # random weights: as many bands as the first scene selects
+        first = scenes[0][3]
+        if any(len(b) != len(first) for *_, b in scenes):
+            raise SpecError("scenes have different band counts; select the same number of bands with `bands`")
+        model = ResolvedModel(
+            ModelSource(model.source.name, len(first), model.source.num_classes, model.source.options, None, model.source.seed),
+            model.class_names, model.bands, model.mean, model.std, None,
+        )
+    job_id = _job_id(spec, model)
+    layout = OutputLayout(Path(spec.out))
+    _claim_output(layout, job_id, spec)
+    result = JobResult(job_id, layout, model)
+    use_ray_dask = connect(spec.address)
+    actors = None
+    with progress_bar(show_progress) as progress:
+        for scene, info, labels, bands in scenes:
+            name = scene.scene_name
+            if layout.scene_done(name).exists() and layout.report_file("scenes", job_id, name).exists():
+                result.scenes.append(_finished_scene(layout, job_id, name, info))
+                continue
+            if actors is None:
+                actors = _actors(spec, model.source)
+            result.scenes.append(
+                _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress)
+            )
+    if actors:
+        import ray
+
+        for a in actors:
+            ray.kill(a)
+    return result

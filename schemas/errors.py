@@ -1,0 +1,41 @@
+"""Errors a user can cause. Each message is one line naming the file and the fix.
+
+One root, :class:`SatsegError`; subclasses also inherit the matching builtin so
+callers can catch either. The CLI prints the message without a traceback and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SatsegError",
+    "InputFileError",
+    "SpecError",
+    "CheckpointError",
+    "MismatchError",
+    "OutputConflictError",
+]
+
+
+class SatsegError(Exception):
+    """Raised for any problem the user can fix (bad file, bad spec, mismatch)."""
+
+
+class InputFileError(SatsegError, OSError):
+    """Raised when an input raster is missing, unreadable or lacks a band."""
+
+
+class SpecError(SatsegError, ValueError):
+    """Raised when a job or schedule file, or a command-line value, is invalid."""
+
+
+class CheckpointError(SatsegError, ValueError):
+    """Raised when a checkpoint is missing, corrupt, or does not fit the data."""
+
+
+class MismatchError(SatsegError, ValueError):
+    """Raised when a label raster or mask does not line up with its image."""
+
+
+class OutputConflictError(SatsegError, FileExistsError):
+    """Raised when an output folder already holds another job's results."""

@@ -1,0 +1,45 @@
+"""Where a job's outputs live under its output folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["OutputLayout", "REPORT_TABLES"]
+
+REPORT_TABLES = ("tiles", "classes", "scenes")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """``OUT/job.json``, ``OUT/masks/<scene>.zarr``, ``OUT/reports/<table>/job_id=<id>/``, ``OUT/state/``."""
+
+    root: Path
+
+    @property
+    def job_file(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / "masks"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def mask_store(self, scene: str) -> Path:
+        return self.masks / f"{scene}.zarr"
+
+    def report_file(self, table: str, job_id: str, scene: str) -> Path:
+        return self.reports / table / f"job_id={job_id}" / f"{scene}.parquet"
+
+    def chunk_markers(self, scene: str) -> Path:
+        return self.state / scene / "chunks"
+
+    def scene_done(self, scene: str) -> Path:
+        return self.state / scene / "COMPLETE"

@@ -1,0 +1,28 @@
+"""Ray tasks of a job: read one window, write one chunk. Both retry on failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import ray
+
+from pipeline.geometry import Window
+from workers.reader import WindowData, read_image_window
+from workers.writer import mark_chunk_done, write_mask_chunk
+
+__all__ = ["read_window_task", "write_chunk_task"]
+
+
+@ray.remote(max_retries=3)
+def read_window_task(path: str, window: Window, bands: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> WindowData:
+    return read_image_window(path, window, bands, mean, std)
+
+
+@ray.remote(max_retries=3)
+def write_chunk_task(store: str, window: Window, mask: np.ndarray, markers: str, key: str) -> int:
+    """Write the chunk, then its done-marker; returns the chunk's valid pixel count."""
+    write_mask_chunk(Path(store), window, mask)
+    mark_chunk_done(Path(markers), key)
+    return int(np.count_nonzero(mask != 255))
