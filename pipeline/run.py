@@ -168,9 +168,11 @@ def _actors(spec: JobSpec, source: ModelSource):
         opts = {"num_gpus": 1, "num_cpus": 1}
         threads = None
     else:
+        # CPU actors reserve no CPU slot, so read and write tasks always find one; torch
+        # threads share the node's cores among the actors instead.
         cpus = max(1, int(resources.get("CPU", 1)))
         n = spec.num_actors or 1
-        opts = {"num_gpus": 0, "num_cpus": 1}
+        opts = {"num_gpus": 0, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
         threads = max(1, cpus // n)
     cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
     device = "cuda" if opts["num_gpus"] else "cpu"

@@ -174,7 +174,7 @@ def train_model(
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 progress.advance(bar)
             model.eval()
             with torch.inference_mode():

@@ -45,7 +45,7 @@ class SceneInfo:
         a = self.affine
         xs, ys = [], []
         for r, c in ((window.row_off, window.col_off), (window.row_stop, window.col_stop)):
-            x, y = a * (c, r)
+            x, y = a @ (c, r)
             xs.append(x)
             ys.append(y)
         return (min(xs), min(ys), max(xs), max(ys))

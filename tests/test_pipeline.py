@@ -1,0 +1,162 @@
+"""End-to-end jobs on a real local Ray instance over generated GeoTIFFs of odd sizes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import torch
+import xarray as xr
+import zarr
+
+from pipeline.metrics import confusion_matrix, segmentation_metrics
+from pipeline.run import run_job
+from pipeline.stitch import sliding_window_predict
+from schemas.job import job_from_dict
+from tests.conftest import CLASSES, TINY
+from workers.predictor import ModelSource, TilePredictor
+from workers.reader import read_image_window
+from pipeline.geometry import Window
+
+
+def job(odd_scene, out, **over):
+    spec = {
+        "scenes": [{"image": str(odd_scene.image), "labels": str(odd_scene.labels), "name": "odd"}],
+        "model": "hrnet_w18_small_v1",
+        "model_options": TINY,
+        "classes": CLASSES,
+        "tile_size": 64,
+        "overlap": 16,
+        "chunk_size": 100,
+        "batch_size": 4,
+        "out": str(out),
+    }
+    spec.update(over)
+    return job_from_dict(spec)
+
+
+def stored_mask(result, name="odd") -> np.ndarray:
+    return zarr.open_array(str(result.layout.mask_store(name)), path="mask", mode="r")[:]
+
+
+@pytest.fixture(scope="module")
+def blend_run(ray_local, odd_scene, tmp_path_factory):
+    return run_job(job(odd_scene, tmp_path_factory.mktemp("blend") / "out"), show_progress=False)
+
+
+def test_mask_is_identical_for_other_chunk_sizes_and_actor_counts(ray_local, odd_scene, tmp_path, blend_run):
+    reference = stored_mask(blend_run)
+    for chunk, actors in ((64, 1), (173, 2), (512, 1)):
+        other = run_job(job(odd_scene, tmp_path / f"c{chunk}", chunk_size=chunk, num_actors=actors), show_progress=False)
+        assert np.array_equal(stored_mask(other), reference), f"chunk {chunk} with {actors} actors differs"
+
+
+@pytest.mark.parametrize("mode", ["blend", "crop"])
+def test_mask_equals_whole_image_sliding_window(ray_local, odd_scene, tmp_path, mode):
+    spec = job(odd_scene, tmp_path / mode, stitch=mode)
+    result = run_job(spec, show_progress=False)
+    got = stored_mask(result)
+    predictor = TilePredictor(result.model.source, device="cpu", batch_size=1)
+    h, w = got.shape
+    data = read_image_window(str(odd_scene.image), Window(0, 0, h, w), [1, 2, 3, 4], result.model.mean or [0.0] * 4, result.model.std or [1.0] * 4)
+    whole = sliding_window_predict(data.image, predictor.predict_batch, tile=64, overlap=16, mode=mode, num_classes=len(CLASSES))
+    whole[~data.valid] = 255
+    assert np.array_equal(got, whole)
+
+
+def test_nodata_pixels_get_nodata_and_the_rest_a_class(blend_run, odd_scene):
+    mask = stored_mask(blend_run)
+    with rasterio.open(odd_scene.image) as src:
+        valid = src.read_masks(1) > 0
+    assert (mask[~valid] == 255).all()
+    assert (mask[valid] < len(CLASSES)).all()
+    assert (~valid).sum() > 0
+
+
+def test_zarr_mask_opens_in_xarray_with_crs_and_transform(blend_run, odd_scene):
+    ds = xr.open_zarr(blend_run.layout.mask_store("odd"), decode_coords="all")
+    mask = ds["mask"]
+    with rasterio.open(odd_scene.image) as src:
+        assert mask.rio.crs == src.crs
+        assert mask.rio.transform() == src.transform
+        assert mask.shape == (src.height, src.width)
+    assert mask.dtype == np.uint8
+    assert json.loads(mask.attrs["class_names"]) == CLASSES
+    assert mask.attrs["satseg_complete"] is True
+
+
+def test_reports_hold_exact_metrics(blend_run, odd_scene):
+    mask = stored_mask(blend_run)
+    with rasterio.open(odd_scene.labels) as src:
+        labels = src.read(1)
+    expected = confusion_matrix(labels.astype(np.int64), mask, len(CLASSES))
+    reports = blend_run.layout.reports
+    scenes = pq.read_table(reports / "scenes").to_pylist()
+    assert len(scenes) == 1
+    row = scenes[0]
+    assert row["job_id"] == blend_run.job_id  # from the Hive partition
+    assert np.array_equal(np.reshape(row["confusion"], expected.shape), expected)
+    m = segmentation_metrics(expected)
+    assert row["mean_iou"] == m.mean_iou and row["pixel_accuracy"] == m.pixel_accuracy
+    assert row["tile_size"] == 64 and row["overlap"] == 16 and row["stitch"] == "blend"
+    tiles = pq.read_table(reports / "tiles").to_pylist()
+    assert len(tiles) == 4 * 4  # 301x367 in 100-px chunks
+    total = sum(np.reshape(t["confusion"], expected.shape) for t in tiles)
+    assert np.array_equal(total, expected)
+    assert sum(t["valid_pixels"] for t in tiles) == int((mask != 255).sum())
+    first = min(tiles, key=lambda t: (t["chunk_row"], t["chunk_col"]))
+    with rasterio.open(odd_scene.image) as src:
+        assert (first["minx"], first["maxy"]) == pytest.approx((src.bounds.left, src.bounds.top))
+    classes = pq.read_table(reports / "classes").to_pylist()
+    assert [c["class_name"] for c in classes] == CLASSES
+    for c in classes:
+        assert c["true_positives"] == expected[c["class_index"], c["class_index"]]
+
+
+def test_query_registers_views(blend_run):
+    from pipeline.query import run_query
+
+    cols, rows = run_query(blend_run.layout.root, "SELECT scene, job_id, num_classes FROM scenes")
+    assert rows == [("odd", blend_run.job_id, len(CLASSES))]
+    cols, rows = run_query(blend_run.layout.reports, "SELECT count(*) FROM tiles JOIN classes USING (scene)")
+    assert rows[0][0] == 16 * len(CLASSES)
+
+
+def test_rerun_resumes_and_finishes_a_partial_scene(ray_local, odd_scene, tmp_path, blend_run):
+    spec = job(odd_scene, tmp_path / "resume")
+    first = run_job(spec, show_progress=False)
+    layout = first.layout
+    # Simulate a crash after 5 chunks: drop the other markers, the completion, and the chunks' data.
+    markers = sorted(layout.chunk_markers("odd").iterdir())
+    arr = zarr.open_array(str(layout.mask_store("odd")), path="mask", mode="r+")
+    for m in markers[5:]:
+        r, c = map(int, m.name.split("."))
+        arr[r * 100 : (r + 1) * 100, c * 100 : (c + 1) * 100] = 255
+        m.unlink()
+    layout.scene_done("odd").unlink()
+    again = run_job(spec, show_progress=False)
+    assert again.scenes[0].chunks_resumed == 5
+    assert np.array_equal(stored_mask(again), stored_mask(blend_run))
+    third = run_job(spec, show_progress=False)
+    assert third.scenes[0].resumed_whole
+
+
+def test_checkpoint_alone_is_enough_to_run(ray_local, odd_scene, tmp_path):
+    from workers.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("hrnet_w18_small_v1", 3, 2, **TINY)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, model, model_name="hrnet_w18_small_v1", model_kwargs=TINY, bands=[4, 3, 2],
+                    class_names=["a", "b"], mean=[2000.0, 1000.0, 800.0], std=[1000.0, 500.0, 400.0])
+    spec = job_from_dict({"scenes": [{"image": str(odd_scene.image)}], "checkpoint": str(ckpt), "tile_size": 64,
+                          "overlap": 0, "stitch": "crop", "out": str(tmp_path / "out")})
+    result = run_job(spec, show_progress=False)
+    mask = stored_mask(result, "odd")
+    assert set(np.unique(mask)) <= {0, 1, 255}
+    assert result.scenes[0].metrics is None
+    row = pq.read_table(result.layout.reports / "scenes").to_pylist()[0]
+    assert row["bands"] == [4, 3, 2] and row["checkpoint_sha256"] and row["mean_iou"] is None
