@@ -147,6 +147,7 @@ def main() -> None:
         "model": args.model, "width_multiplier": args.width_multiplier, "scene": f"{args.size}x{args.size}",
         "tile": args.tile, "overlap": args.overlap, "chunk": spec.effective_chunk_size, "stitch": args.stitch,
         "batch": args.batch, "lattice_tiles": n_tiles, "tiles_computed": plan.tiles_computed,
+        "actor_startup_seconds": round(result.startup_seconds, 2),
         "pipeline_seconds_total": round(wall, 2), "pipeline_seconds_segmentation": round(scene.predict_seconds, 2),
         "model_alone_seconds": round(alone, 2),
         "ratio_segmentation_vs_model": round(scene.predict_seconds / alone, 3),

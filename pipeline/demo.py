@@ -56,8 +56,6 @@ def run_demo(root: str | Path = "demo-output", *, show_progress: bool = True, ad
             "checkpoint": str(ckpt),
             "tile_size": 256,
             "overlap": 32,
-            "chunk_size": 896,
-            "stitch": "blend",
             "out": str(root),
             "address": address,
         },

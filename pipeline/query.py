@@ -69,7 +69,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     """Rows as csv, json (one object per row) or an aligned text table."""
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
         w.writerows([[_plain(v) for v in r] for r in rows])
         return buf.getvalue().rstrip("\n")

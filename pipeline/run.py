@@ -67,6 +67,7 @@ class JobResult:
     layout: OutputLayout
     model: ResolvedModel
     scenes: list[SceneResult] = field(default_factory=list)
+    startup_seconds: float = 0.0
 
 
 def resolve_model(spec: JobSpec) -> ResolvedModel:
@@ -176,7 +177,9 @@ def _actors(spec: JobSpec, source: ModelSource):
         threads = max(1, cpus // n)
     cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
     device = "cuda" if opts["num_gpus"] else "cpu"
-    return [cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads) for _ in range(n)]
+    actors = [cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads) for _ in range(n)]
+    ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
+    return actors
 
 
 def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress) -> SceneResult:
@@ -301,6 +304,10 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
             ModelSource(model.source.name, len(first), model.source.num_classes, model.source.options, None, model.source.seed),
             model.class_names, model.bands, model.mean, model.std, None,
         )
+    if spec.stitch == "auto":  # blend when a pixel's output depends on the whole tile (image pooling)
+        from workers.models import model_info
+
+        spec = spec.model_copy(update={"stitch": "blend" if model_info(model.source.name).whole_tile_context else "crop"})
     job_id = _job_id(spec, model)
     layout = OutputLayout(Path(spec.out))
     _claim_output(layout, job_id, spec)
@@ -314,7 +321,9 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
                 result.scenes.append(_finished_scene(layout, job_id, name, info))
                 continue
             if actors is None:
+                started = time.perf_counter()
                 actors = _actors(spec, model.source)
+                result.startup_seconds = time.perf_counter() - started
             result.scenes.append(
                 _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress)
             )

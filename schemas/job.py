@@ -64,7 +64,7 @@ class JobSpec(BaseModel):
     tile_size: int = 512
     overlap: int = 64
     chunk_size: int | None = None
-    stitch: Literal["blend", "crop"] = "blend"
+    stitch: Literal["auto", "blend", "crop"] = "auto"
     window: Literal["hann", "triangular", "gaussian", "uniform"] = "hann"
     batch_size: int = Field(default=8, ge=1)
     ignore_index: int = 255

@@ -32,6 +32,7 @@ def job(odd_scene, out, **over):
         "overlap": 16,
         "chunk_size": 100,
         "batch_size": 4,
+        "stitch": "blend",
         "out": str(out),
     }
     spec.update(over)

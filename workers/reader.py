@@ -14,13 +14,14 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window as RioWindow
 
 from pipeline.geometry import Window, reflect_index
 from schemas.errors import InputFileError, MismatchError
 
-__all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window"]
+__all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window", "check_bands"]
 
 
 @dataclass(frozen=True)
@@ -107,20 +108,38 @@ def check_bands(scene: SceneInfo, bands: Sequence[int]) -> None:
         )
 
 
-def _padded_read(src, window: Window, indexes, masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _axis_take(index: np.ndarray) -> tuple[int, int, slice | np.ndarray]:
+    """Bounding range of reflected indexes, and how to take them from it (a slice when contiguous)."""
+    lo, hi = int(index.min()), int(index.max()) + 1
+    if hi - lo == len(index) and index[0] == lo and (len(index) < 2 or index[1] > index[0]):
+        return lo, hi, slice(None)
+    return lo, hi, index - lo
+
+
+def _valid_mask(src, indexes, data: np.ndarray, rw: RioWindow) -> np.ndarray:
+    """Pixels with data in every band: from the nodata value when that is all GDAL knows, else its masks."""
+    flags = [src.mask_flag_enums[i - 1] for i in indexes]
+    if all(f == [MaskFlags.all_valid] for f in flags):
+        return np.ones(data.shape[1:], dtype=bool)
+    if all(f == [MaskFlags.nodata] for f in flags) and src.nodata is not None and not np.isnan(src.nodata):
+        return np.all(data != np.asarray(src.nodata, dtype=data.dtype), axis=0)
+    return np.all(src.read_masks(indexes, window=rw) > 0, axis=0)
+
+
+def _padded_read(src, window: Window, indexes) -> tuple[np.ndarray, np.ndarray]:
     rows = reflect_index(np.arange(window.row_off, window.row_stop), src.height)
     cols = reflect_index(np.arange(window.col_off, window.col_stop), src.width)
-    r0, r1 = int(rows.min()), int(rows.max()) + 1
-    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    r0, r1, take_r = _axis_take(rows)
+    c0, c1, take_c = _axis_take(cols)
     rw = RioWindow(c0, r0, c1 - c0, r1 - r0)
     data = src.read(indexes, window=rw)
-    take = np.ix_(rows - r0, cols - c0)
-    data = data[(slice(None), *take)]
-    mask = None
-    if masks:
-        m = src.read_masks(indexes, window=rw)
-        mask = np.all(m[(slice(None), *take)] > 0, axis=0)
-    return data, mask
+    valid = _valid_mask(src, indexes, data, rw)
+    if isinstance(take_r, np.ndarray) or isinstance(take_c, np.ndarray):
+        rr = take_r if isinstance(take_r, np.ndarray) else np.arange(r1 - r0)
+        cc = take_c if isinstance(take_c, np.ndarray) else np.arange(c1 - c0)
+        take = np.ix_(rr, cc)
+        data, valid = data[(slice(None), *take)], valid[take]
+    return data, valid
 
 
 def _in_scene(window: Window, height: int, width: int) -> np.ndarray:
@@ -139,7 +158,7 @@ def read_image_window(
     """Read ``window`` (may extend outside the scene), normalise, and mark nodata."""
     try:
         with rasterio.open(path) as src:
-            raw, mask = _padded_read(src, window, list(bands), masks=True)
+            raw, mask = _padded_read(src, window, list(bands))
             in_scene = _in_scene(window, src.height, src.width)
     except RasterioIOError as err:
         raise InputFileError(f"{path}: read failed ({err}); check the file is complete") from None

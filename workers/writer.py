@@ -11,10 +11,7 @@ import json
 import warnings
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
-import rasterio
-import xarray as xr
 import zarr
 
 from pipeline.geometry import Window
@@ -26,7 +23,10 @@ __all__ = ["create_mask_store", "write_mask_chunk", "mark_chunk_done", "chunks_d
 
 def create_mask_store(store: Path, scene: SceneInfo, chunk: int, attrs: dict) -> None:
     """Create ``store`` with an empty uint8 ``mask`` of the scene's shape, CRS and transform."""
+    import dask.array as da  # imported here: chunk-writing workers need only zarr
+    import rasterio
     import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray as xr
 
     affine = scene.affine
     cols = np.arange(scene.width) + 0.5

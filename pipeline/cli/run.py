@@ -23,7 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, help="tile size in pixels, a multiple of 32 (default 512)")
     p.add_argument("--overlap", type=int, help="overlap between neighbouring tiles in pixels (default 64)")
     p.add_argument("--chunk-size", type=int, help="output chunk size in pixels (default: ~2048, whole strides)")
-    p.add_argument("--stitch", choices=["blend", "crop"], help="blend overlapping tiles or crop their cores (default blend)")
+    p.add_argument(
+        "--stitch", choices=["auto", "blend", "crop"],
+        help="blend overlapping tiles or crop their cores (default auto: blend for models with image pooling, else crop)",
+    )
     p.add_argument("--window", choices=["hann", "triangular", "gaussian", "uniform"], help="blend window (default hann)")
     p.add_argument("--batch-size", type=int, help="tiles per model call (default 8)")
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, else one)")

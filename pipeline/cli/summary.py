@@ -9,7 +9,7 @@ from rich.table import Table
 
 __all__ = ["print_job_summary", "print_metrics"]
 
-_out = Console()
+_out = Console(soft_wrap=True)  # long paths stay on one line, copyable
 
 
 def _fmt(v: float) -> str:

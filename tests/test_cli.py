@@ -1,0 +1,162 @@
+"""The command line: help, job files, and every bad input as one line with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from pipeline.cli import main
+from tests.conftest import CLASSES, TINY
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("satseg: error: ")
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def write_tif(path, data, *, transform=None, crs="EPSG:32633", nodata=None):
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    with rasterio.open(
+        path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0], dtype=data.dtype,
+        crs=crs, transform=transform or from_origin(500000, 4600000, 10, 10), nodata=nodata,
+    ) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate", "query", "train", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: satseg " + command in capsys.readouterr().out
+
+
+def test_missing_image(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--image", str(tmp_path / "nope.tif"), "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "nope.tif", "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_image(capsys, tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    code, _, err = run_cli(capsys, "run", "--image", str(bad), "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "bad.tif", "not a readable raster")
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"shape": (40, 50)}, "shape"),
+        ({"crs": "EPSG:4326"}, "CRS"),
+        ({"transform": from_origin(500010, 4600000, 10, 10)}, "transform"),
+    ],
+)
+def test_labels_that_do_not_line_up(capsys, tmp_path, odd_scene, change, fragment):
+    with rasterio.open(odd_scene.image) as src:
+        shape = (src.height, src.width)
+    labels = write_tif(
+        tmp_path / "labels.tif", np.zeros(change.get("shape", shape), np.uint8),
+        transform=change.get("transform"), crs=change.get("crs", "EPSG:32633"),
+    )
+    code, _, err = run_cli(capsys, "run", "--image", str(odd_scene.image), "--labels", str(labels), "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "labels.tif", fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_band_that_does_not_exist(capsys, tmp_path, odd_scene):
+    code, _, err = run_cli(capsys, "run", "--image", str(odd_scene.image), "--bands", "1,9", "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "band 9 does not exist", "odd.tif")
+
+
+@pytest.fixture
+def three_band_checkpoint(tmp_path):
+    from workers.models import create_model, save_checkpoint
+
+    ckpt = tmp_path / "three.safetensors"
+    save_checkpoint(ckpt, create_model("hrnet_w18_small_v1", 3, 2, **TINY), model_name="hrnet_w18_small_v1",
+                    model_kwargs=TINY, bands=[1, 2, 3], class_names=["a", "b"], mean=[0, 0, 0], std=[1, 1, 1])
+    return ckpt
+
+
+def test_checkpoint_with_other_bands_or_classes(capsys, tmp_path, odd_scene, three_band_checkpoint):
+    code, _, err = run_cli(capsys, "run", "--image", str(odd_scene.image), "--checkpoint", str(three_band_checkpoint), "--bands", "1,2,3,4", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "three.safetensors", "bands")
+    code, _, err = run_cli(capsys, "run", "--image", str(odd_scene.image), "--checkpoint", str(three_band_checkpoint), "--classes", "x,y,z", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "three.safetensors", "classes")
+    code, _, err = run_cli(capsys, "run", "--image", str(odd_scene.image), "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "missing.safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("scenes: [\n  - image: a.tif\n", "not valid YAML"),
+        ("model: hrnet_w18_small_v1\nclasses: [a]\n", "scenes"),
+        ("scenes: [{image: a.tif}]\nmodel: hrnet_w18_small_v1\nclasses: [a]\ntile_size: 100\n", "tile_size"),
+        ("scenes: [{image: a.tif}]\nmodel: hrnet_w18_small_v1\nclasses: [a]\ntile_sise: 256\n", "tile_sise"),
+        ("scenes: [{image: a.tif}]\nmodel: hrnet_w18_small_v1\n", "classes"),
+        ("scenes: [{image: a.tif}]\nmodel: no_such_net\nclasses: [a]\n", "unknown model"),
+        ("- just\n- a list\n", "YAML mapping"),
+    ],
+)
+def test_invalid_job_files(capsys, tmp_path, text, fragment):
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    code, _, err = run_cli(capsys, "run", str(job))
+    assert code == 2 and "satseg: error:" in err and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_job_file_runs_and_output_of_another_job_is_refused(capsys, tmp_path, odd_scene, ray_local):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"scenes:\n  - image: {odd_scene.image}\n    labels: {odd_scene.labels}\n    name: first\n"
+        f"model: hrnet_w18_small_v1\nmodel_options: {{width_multiplier: 0.25}}\nclasses: {CLASSES}\n"
+        "tile_size: 64\noverlap: 16\nchunk_size: 128\nout: out\n"
+    )
+    code, out, err = run_cli(capsys, "run", str(job), "--quiet")
+    assert code == 0, err
+    assert "mean IoU" in out and "first" in out and str(tmp_path / "out" / "masks" / "first.zarr") in out
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
+    code, _, err = run_cli(capsys, "run", str(job), "--tile-size", "96", "--quiet")
+    assert_one_line_error(code, err, str(tmp_path / "out"), "another job")
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
+    code, out, _ = run_cli(capsys, "query", "SELECT scene, round(mean_iou, 3) AS miou FROM scenes", "--reports", str(tmp_path / "out"), "--format", "csv")
+    assert code == 0 and out.startswith("scene,miou\nfirst,")
+    code, out, _ = run_cli(capsys, "evaluate", str(tmp_path / "out" / "masks" / "first.zarr"), str(odd_scene.labels))
+    assert code == 0 and "mean IoU" in out
+
+
+def test_query_errors_are_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "query", "SELECT 1", "--reports", str(tmp_path / "none"))
+    assert_one_line_error(code, err, "no reports folder")
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--image", str(tmp_path / "x.tif"), "--model", "hrnet_w18_small_v1", "--classes", "a"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"satseg: error: {tmp_path / 'x.tif'}: image file not found; check the path"]
