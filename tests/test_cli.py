@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_query_errors_are_one_line(capsys, tmp_path):
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--image", str(tmp_path / "x.tif"), "--model", "hrnet_w18_small_v1", "--classes", "a"],
+        [str(Path(sys.executable).parent / "satseg"), "run", "--image", str(tmp_path / "x.tif"), "--model", "hrnet_w18_small_v1", "--classes", "a"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
