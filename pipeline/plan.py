@@ -42,6 +42,27 @@ class ScenePlan:
     def tasks(self) -> list[ChunkTask]:
         return [self.task(r, c) for r, c in self.grid]
 
+    def strip_order(self, strip: int) -> list[tuple[int, int]]:
+        """Chunks in vertical strips ``strip`` chunks wide, row-major inside a strip.
+
+        Neighbouring chunks then follow each other, so a tile shared by two
+        chunks can be reused from a bounded cache instead of recomputed.
+        """
+        rows, cols = self.grid.shape
+        order = []
+        for c0 in range(0, cols, strip):
+            for r in range(rows):
+                order.extend((r, c) for c in range(c0, min(c0 + strip, cols)))
+        return order
+
+    def chunks_per_tile(self, row: int, col: int) -> int:
+        """How many chunks need lattice tile (row, col): after that many uses it can be dropped."""
+        win = self.lattice.window(row, col) if self.mode == "blend" else self.lattice.core(row, col)
+        c = self.grid.chunk
+        r0, r1 = max(0, win.row_off) // c, (min(self.height, win.row_stop) - 1) // c
+        c0, c1 = max(0, win.col_off) // c, (min(self.width, win.col_stop) - 1) // c
+        return (r1 - r0 + 1) * (c1 - c0 + 1)
+
     @property
     def tiles_computed(self) -> int:
         """Tile evaluations over all chunks (tiles on chunk edges count once per chunk)."""

@@ -182,6 +182,15 @@ def _actors(spec: JobSpec, source: ModelSource):
     return actors
 
 
+def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: int = 1 << 30) -> int:
+    """Chunk columns per strip: the tiles a strip shares between chunk rows fit half the actor's tile cache."""
+    cols = plan.grid.shape[1]
+    tiles_across = -(-plan.grid.chunk // plan.lattice.stride) + 1
+    per_tile = plan.lattice.tile**2 * (4 * num_classes if plan.mode == "blend" else 1)
+    strip = max(1, int(cache_bytes // 2 // (tiles_across * per_tile)))
+    return max(1, min(strip, -(-cols // n_actors)))
+
+
 def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress) -> SceneResult:
     import ray
 
@@ -206,9 +215,11 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         )
     mean = model.mean or [0.0] * len(bands)
     std = model.std or [1.0] * len(bands)
-    tasks = [t for t in plan.tasks() if t.key not in done]
+    strip = _strip_width(plan, len(model.class_names), len(actors))
+    tasks = [t for t in (plan.task(r, c) for r, c in plan.strip_order(strip)) if t.key not in done]
     limit = spec.max_windows_in_flight or 2 * len(actors) + 1
     bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(plan.grid) - len(tasks))
+    before = ray.get([a.stats.remote() for a in actors])
     in_flight: dict = {}
     queue = iter(tasks)
     submitted = 0
@@ -220,8 +231,8 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
                 exhausted = True
                 break
             data = read_window_task.remote(str(scene.image), task.read, bands, mean, std)
-            actor = actors[submitted % len(actors)]
-            mask = actor.predict_chunk.remote(data, task, plan, spec.window)
+            actor = actors[(task.col // strip) % len(actors)]  # one strip, one actor: shared tiles are reused
+            mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image))
             in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task
             submitted += 1
         if in_flight:
@@ -231,6 +242,9 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
                 in_flight.pop(ref)
                 progress.advance(bar)
     predict_seconds = time.perf_counter() - t0
+    after = ray.get([a.stats.remote() for a in actors])
+    tiles_predicted = sum(a["tiles_predicted"] - b["tiles_predicted"] for a, b in zip(after, before))
+    tiles_reused = sum(a["tiles_reused"] - b["tiles_reused"] for a, b in zip(after, before))
 
     ev = progress.add_task(f"{name} evaluate", total=1)
     mask_da = open_mask(store)
@@ -261,7 +275,9 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "chunk_size": chunk,
         "stitch": spec.stitch,
         "window": spec.window,
-        "tiles_computed": sum(len(t.tiles) for t in tasks),
+        "tiles_lattice": len(plan.lattice),
+        "tiles_computed": tiles_predicted,
+        "tiles_reused": tiles_reused,
         "chunks_resumed": len(done),
         "seconds": seconds,
         "predict_seconds": predict_seconds,

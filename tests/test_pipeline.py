@@ -103,6 +103,9 @@ def test_reports_hold_exact_metrics(blend_run, odd_scene):
     m = segmentation_metrics(expected)
     assert row["mean_iou"] == m.mean_iou and row["pixel_accuracy"] == m.pixel_accuracy
     assert row["tile_size"] == 64 and row["overlap"] == 16 and row["stitch"] == "blend"
+    # Tiles shared by chunks are computed once: only tiles with no valid pixel are skipped.
+    assert row["tiles_reused"] > 0
+    assert row["tiles_computed"] <= row["tiles_lattice"]
     tiles = pq.read_table(reports / "tiles").to_pylist()
     assert len(tiles) == 4 * 4  # 301x367 in 100-px chunks
     total = sum(np.reshape(t["confusion"], expected.shape) for t in tiles)

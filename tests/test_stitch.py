@@ -103,3 +103,22 @@ def test_uncovered_pixels_are_nodata():
 
     out = stitch_chunk(grid.window(0, 0), [], lattice=TileLattice(10, 10, 32, 0), mode="blend", num_classes=C, weights=window_weights("hann", 32))
     assert (out == 255).all()
+
+
+def test_tile_cache_keeps_shared_tiles_until_every_chunk_used_them():
+    from workers.predictor import TileCache
+
+    cache = TileCache(max_bytes=3 * 400)
+    a, b = np.zeros(100, np.float32), np.ones(100, np.float32)  # 400 bytes each
+    cache.switch(("scene", "blend"))
+    cache.use((0, 0), a, uses_total=2)
+    cache.use((0, 1), b, uses_total=1)  # needed by one chunk only: not kept
+    assert cache.get((0, 1)) is None
+    assert cache.get((0, 0)) is a
+    cache.use((0, 0), a, uses_total=2)  # second and last use: dropped
+    assert cache.get((0, 0)) is None
+    for i in range(5):  # over the byte bound: the oldest go first
+        cache.use((1, i), np.full(100, i, np.float32), uses_total=9)
+    assert cache.get((1, 0)) is None and cache.get((1, 4)) is not None
+    cache.switch(("other scene", "blend"))
+    assert cache.get((1, 4)) is None

@@ -8,6 +8,7 @@ The benchmark uses the same class without Ray to time the model alone.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -19,7 +20,7 @@ from pipeline.plan import ChunkTask, ScenePlan
 from pipeline.stitch import stitch_chunk, window_weights
 from workers.reader import WindowData
 
-__all__ = ["ModelSource", "TilePredictor", "pick_device"]
+__all__ = ["ModelSource", "TileCache", "TilePredictor", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,63 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+class TileCache:
+    """Outputs of tiles shared by several chunks, kept until every such chunk has used them.
+
+    A shared tile is computed once, not once per chunk; a reused output is the
+    very array a recomputation would give (the model is deterministic and
+    batch-independent), so the cache changes speed, never the mask. Bounded in
+    bytes: past the bound the oldest entries go, and are recomputed if needed.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self._scope: tuple | None = None
+        self._entries: OrderedDict[tuple[int, int], tuple[np.ndarray, int]] = OrderedDict()
+        self._bytes = 0
+
+    def switch(self, scope: tuple) -> None:
+        """Start caching for another scene or tiling; drops everything cached before."""
+        if scope != self._scope:
+            self._entries.clear()
+            self._bytes = 0
+            self._scope = scope
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self.hits += 1
+        return entry[0]
+
+    def use(self, key: tuple[int, int], output: np.ndarray, uses_total: int) -> None:
+        """Record one chunk's use of a tile; keep it while other chunks still need it."""
+        entry = self._entries.pop(key, None)
+        remaining = (entry[1] if entry else uses_total) - 1
+        if entry:
+            self._bytes -= entry[0].nbytes
+        if remaining <= 0 or output.nbytes > self.max_bytes:
+            return
+        self._entries[key] = (output, remaining)
+        self._bytes += output.nbytes
+        while self._bytes > self.max_bytes:
+            _, (old, _) = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+
+
 class TilePredictor:
     """One model on one device; predicts batches of tiles and stitches chunks."""
 
-    def __init__(self, source: ModelSource, *, device: str = "auto", batch_size: int = 8, threads: int | None = None):
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        device: str = "auto",
+        batch_size: int = 8,
+        threads: int | None = None,
+        cache_bytes: int = 1 << 30,
+    ):
         self.device = torch.device(pick_device(device))
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
@@ -64,6 +118,7 @@ class TilePredictor:
         self.batch_size = batch_size
         self.num_classes = source.num_classes
         self._weights: dict[tuple[str, int], np.ndarray] = {}
+        self._cache = TileCache(cache_bytes)
         self.tiles_predicted = 0
 
     def predict_batch(self, batch: np.ndarray, *, classes: bool = False) -> np.ndarray:
@@ -82,20 +137,35 @@ class TilePredictor:
                 return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
             return torch.softmax(logits, dim=1).cpu().numpy()
 
-    def _tile_outputs(self, data: WindowData, wins: list[Window], classes: bool) -> Iterator[tuple[Window, np.ndarray]]:
-        for i in range(0, len(wins), self.batch_size):
-            part = wins[i : i + self.batch_size]
-            batch = np.stack([data.image[(slice(None), *w.slices_in(data.window))] for w in part])
-            yield from zip(part, self.predict_batch(batch, classes=classes))
+    def _tile_outputs(
+        self, data: WindowData, tiles: list[tuple[tuple[int, int], Window]], classes: bool, plan: ScenePlan
+    ) -> Iterator[tuple[Window, np.ndarray]]:
+        """Tile outputs in lattice order: shared tiles from the cache, the rest from batched model calls."""
+        hits = {rc: self._cache.get(rc) for rc, _ in tiles}
+        todo = [(rc, win) for rc, win in tiles if hits[rc] is None]
+        fresh: dict[tuple[int, int], np.ndarray] = {}
+        next_batch = 0
+        for rc, win in tiles:
+            out = hits[rc]
+            if out is None:
+                if rc not in fresh:
+                    part = todo[next_batch : next_batch + self.batch_size]
+                    next_batch += len(part)
+                    batch = np.stack([data.image[(slice(None), *w.slices_in(data.window))] for _, w in part])
+                    fresh.update(zip((p[0] for p in part), self.predict_batch(batch, classes=classes)))
+                out = fresh.pop(rc)
+            self._cache.use(rc, out, plan.chunks_per_tile(*rc))
+            yield win, out
 
-    def predict_chunk(self, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str) -> np.ndarray:
+    def predict_chunk(self, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str = "") -> np.ndarray:
         """The chunk's class map (uint8, 255 where the input has no data)."""
         lattice = plan.lattice
-        wins = []
+        self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap))
+        tiles = []
         for r, c in task.tiles:
             win = lattice.window(r, c)
             if data.valid[win.slices_in(data.window)].any():
-                wins.append(win)  # a tile with no valid pixel skips the model
+                tiles.append(((r, c), win))  # a tile with no valid pixel skips the model
         weights = None
         if plan.mode == "blend":
             key = (window, lattice.tile)
@@ -104,7 +174,7 @@ class TilePredictor:
             weights = self._weights[key]
         mask = stitch_chunk(
             task.chunk,
-            self._tile_outputs(data, wins, classes=plan.mode == "crop"),
+            self._tile_outputs(data, tiles, plan.mode == "crop", plan),
             lattice=lattice,
             mode=plan.mode,
             num_classes=self.num_classes,
@@ -112,6 +182,9 @@ class TilePredictor:
         )
         mask[~data.valid[task.chunk.slices_in(data.window)]] = 255
         return mask
+
+    def stats(self) -> dict:
+        return {"tiles_predicted": self.tiles_predicted, "tiles_reused": self._cache.hits}
 
     def node(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.device)}
