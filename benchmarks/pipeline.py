@@ -135,6 +135,9 @@ def main() -> None:
 
     plan = plan_scene(args.size, args.size, tile=args.tile, overlap=args.overlap, chunk=spec.effective_chunk_size, mode=args.stitch)
     n_tiles = len(plan.lattice)
+    import pyarrow.parquet as pq
+
+    report = pq.read_table(result.layout.reports / "scenes").to_pylist()[0]
     ray.shutdown()
     with PeakMemory() as mem_model:
         alone = model_alone(result.model.source, n_tiles, args.tile, args.batch, cpus, args.stitch)
@@ -146,10 +149,13 @@ def main() -> None:
         "torch": torch.__version__,
         "model": args.model, "width_multiplier": args.width_multiplier, "scene": f"{args.size}x{args.size}",
         "tile": args.tile, "overlap": args.overlap, "chunk": spec.effective_chunk_size, "stitch": args.stitch,
-        "batch": args.batch, "lattice_tiles": n_tiles, "tiles_computed": plan.tiles_computed,
+        "batch": args.batch, "lattice_tiles": n_tiles, "tiles_touching_chunks": plan.tiles_computed,
+        "tiles_computed": report["tiles_computed"], "tiles_reused": report["tiles_reused"],
         "actor_startup_seconds": round(result.startup_seconds, 2),
         "pipeline_seconds_total": round(wall, 2), "pipeline_seconds_segmentation": round(scene.predict_seconds, 2),
         "model_alone_seconds": round(alone, 2),
+        "model_seconds_inside_actors": round(report["model_seconds"], 2),
+        "actor_busy_seconds": round(report["actor_busy_seconds"], 2),
         "ratio_segmentation_vs_model": round(scene.predict_seconds / alone, 3),
         "ratio_total_vs_model": round(wall / alone, 3),
         "pipeline_mpx_per_s": round(mpx / scene.predict_seconds, 3), "model_mpx_per_s": round(mpx / alone, 3),

@@ -245,6 +245,8 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     after = ray.get([a.stats.remote() for a in actors])
     tiles_predicted = sum(a["tiles_predicted"] - b["tiles_predicted"] for a, b in zip(after, before))
     tiles_reused = sum(a["tiles_reused"] - b["tiles_reused"] for a, b in zip(after, before))
+    model_seconds = sum(a["model_seconds"] - b["model_seconds"] for a, b in zip(after, before))
+    chunk_seconds = sum(a["chunk_seconds"] - b["chunk_seconds"] for a, b in zip(after, before))
 
     ev = progress.add_task(f"{name} evaluate", total=1)
     mask_da = open_mask(store)
@@ -281,6 +283,8 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "chunks_resumed": len(done),
         "seconds": seconds,
         "predict_seconds": predict_seconds,
+        "model_seconds": model_seconds,
+        "actor_busy_seconds": chunk_seconds,
         "evaluate_seconds": seconds - predict_seconds,
         "megapixels_per_second": mpx / predict_seconds if predict_seconds > 0 else None,
         "satseg_version": __version__,

@@ -93,6 +93,8 @@ SCENES = pa.schema(
         ("chunks_resumed", _i64),
         ("seconds", _f64),
         ("predict_seconds", _f64),
+        ("model_seconds", _f64),
+        ("actor_busy_seconds", _f64),
         ("evaluate_seconds", _f64),
         ("megapixels_per_second", _f64),
         ("satseg_version", pa.string()),

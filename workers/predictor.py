@@ -8,6 +8,7 @@ The benchmark uses the same class without Ray to time the model alone.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -120,9 +121,12 @@ class TilePredictor:
         self._weights: dict[tuple[str, int], np.ndarray] = {}
         self._cache = TileCache(cache_bytes)
         self.tiles_predicted = 0
+        self.model_seconds = 0.0
+        self.chunk_seconds = 0.0
 
     def predict_batch(self, batch: np.ndarray, *, classes: bool = False) -> np.ndarray:
         """Probabilities (N, C, T, T) float32, or class maps (N, T, T) uint8, of a batch of tiles."""
+        started = time.perf_counter()
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch))
             if self.device.type == "cuda":
@@ -134,8 +138,11 @@ class TilePredictor:
                 logits = self.model(x)
             self.tiles_predicted += len(batch)
             if classes:
-                return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-            return torch.softmax(logits, dim=1).cpu().numpy()
+                out = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            else:
+                out = torch.softmax(logits, dim=1).cpu().numpy()
+        self.model_seconds += time.perf_counter() - started
+        return out
 
     def _tile_outputs(
         self, data: WindowData, tiles: list[tuple[tuple[int, int], Window]], classes: bool, plan: ScenePlan
@@ -159,6 +166,7 @@ class TilePredictor:
 
     def predict_chunk(self, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str = "") -> np.ndarray:
         """The chunk's class map (uint8, 255 where the input has no data)."""
+        started = time.perf_counter()
         lattice = plan.lattice
         self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap))
         tiles = []
@@ -181,10 +189,16 @@ class TilePredictor:
             weights=weights,
         )
         mask[~data.valid[task.chunk.slices_in(data.window)]] = 255
+        self.chunk_seconds += time.perf_counter() - started
         return mask
 
     def stats(self) -> dict:
-        return {"tiles_predicted": self.tiles_predicted, "tiles_reused": self._cache.hits}
+        return {
+            "tiles_predicted": self.tiles_predicted,
+            "tiles_reused": self._cache.hits,
+            "model_seconds": self.model_seconds,
+            "chunk_seconds": self.chunk_seconds,
+        }
 
     def node(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.device)}
