@@ -4,7 +4,7 @@ Runs, in one process: (1) `run_job` on a generated scene (Ray read tasks,
 model actor, stitching, Zarr writes, Dask evaluation, Parquet reports), and
 (2) the scene's lattice tiles, each once, through the same `TilePredictor`
 with no Ray and no I/O. Prints both times, their ratio, megapixels per second
-and peak memory (driver plus its Ray processes). Figures go to BENCHMARKS.md.
+and peak memory (PSS of the driver plus its Ray processes). Figures go to BENCHMARKS.md.
 
     python benchmarks/pipeline.py --size 4096 --model hrnet_w18_small_v1
 """
@@ -33,31 +33,38 @@ from schemas.job import job_from_dict  # noqa: E402
 from workers.predictor import ModelSource, TilePredictor  # noqa: E402
 
 
-def _rss_tree(root: int) -> int:
-    """Resident memory (bytes) of ``root`` and all its descendants, from /proc."""
-    parents, rss = {}, {}
+def _pss_tree(root: int) -> int:
+    """Proportional set size (bytes) of ``root`` and all its descendants, from /proc.
+
+    PSS splits shared pages (Ray's object store in /dev/shm, shared libraries)
+    among the processes mapping them, so nothing is counted twice.
+    """
+    parents, pss = {}, {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            with open(f"/proc/{d}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            parents[int(d)] = int(fields["PPid"])
-            rss[int(d)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
+            with open(f"/proc/{d}/stat") as f:
+                parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss[int(d)] = int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
             continue
     total = 0
-    for pid in rss:
+    for pid in pss:
         p = pid
         while p and p != root:
             p = parents.get(p, 0)
         if p == root:
-            total += rss[pid]
+            total += pss[pid]
     return total
 
 
 class PeakMemory:
-    """Samples the process tree's RSS in a thread; ``peak`` in bytes."""
+    """Samples the process tree's PSS in a thread; ``peak`` in bytes."""
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
@@ -69,7 +76,7 @@ class PeakMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_tree(os.getpid()))
+            self.peak = max(self.peak, _pss_tree(os.getpid()))
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc):
@@ -159,7 +166,7 @@ def main() -> None:
         "ratio_segmentation_vs_model": round(scene.predict_seconds / alone, 3),
         "ratio_total_vs_model": round(wall / alone, 3),
         "pipeline_mpx_per_s": round(mpx / scene.predict_seconds, 3), "model_mpx_per_s": round(mpx / alone, 3),
-        "peak_rss_pipeline_mib": round(mem.peak / 2**20), "peak_rss_model_alone_mib": round(mem_model.peak / 2**20),
+        "peak_pss_pipeline_mib": round(mem.peak / 2**20), "peak_pss_model_alone_mib": round(mem_model.peak / 2**20),
         "mean_iou_random_weights": scene.metrics.mean_iou if scene.metrics else None,
     }
     for k, v in record.items():

@@ -163,10 +163,10 @@ def read_image_window(
     except RasterioIOError as err:
         raise InputFileError(f"{path}: read failed ({err}); check the file is complete") from None
     data = raw.astype(np.float32)
+    del raw
     valid = mask & np.all(np.isfinite(data), axis=0)
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
-    data = (data - m) / s
+    data -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    data /= np.asarray(std, dtype=np.float32)[:, None, None]
     data[:, ~valid] = 0.0
     return WindowData(window=window, image=data, valid=valid & in_scene)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import SpecError
+from workers.models.blocks import Bottleneck
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = [
@@ -65,32 +66,6 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilatio
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
-
-
-class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck: 1x1 reduce, 3x3 (strided or dilated), 1x1 expand (x4), residual."""
-
-    expansion = 4
-
-    def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
 
 
 class ResNet(nn.Module):
