@@ -19,9 +19,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # Workers return large freed arrays to the OS at once (no heap growth from chunk to chunk),
-    # and GDAL's block cache stays small: each block is read about once, so a big cache only grows.
-    env_vars = {"MALLOC_MMAP_THRESHOLD_": "131072", "GDAL_CACHEMAX": "128"}
+    # GDAL's block cache stays small: each block is read about once, so a big cache only grows.
+    # (A low MALLOC_MMAP_THRESHOLD_ kept the actor's heap flat but made torch's CPU forward
+    # passes ~40% slower through page faults: measured, not used.)
+    env_vars = {"GDAL_CACHEMAX": "128"}
     if ray.is_initialized():
         return address is not None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
