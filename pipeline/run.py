@@ -177,7 +177,10 @@ def _actors(spec: JobSpec, source: ModelSource):
         threads = max(1, cpus // n)
     cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
     device = "cuda" if opts["num_gpus"] else "cpu"
-    actors = [cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads) for _ in range(n)]
+    actors = [
+        cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads, tta=spec.tta, compile=spec.compile)
+        for _ in range(n)
+    ]
     ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
     return actors
 

@@ -66,7 +66,9 @@ class JobSpec(BaseModel):
     chunk_size: int | None = None
     stitch: Literal["auto", "blend", "crop"] = "auto"
     window: Literal["hann", "triangular", "gaussian", "uniform"] = "hann"
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)  # None: from free GPU memory, 4 on CPU
+    tta: Literal["none", "flip", "d4"] = "none"
+    compile: bool = False
     ignore_index: int = 255
     out: Path = Path("satseg-output")
     address: str | None = None

@@ -28,7 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="blend overlapping tiles or crop their cores (default auto: blend for models with image pooling, else crop)",
     )
     p.add_argument("--window", choices=["hann", "triangular", "gaussian", "uniform"], help="blend window (default hann)")
-    p.add_argument("--batch-size", type=int, help="tiles per model call (default 8)")
+    p.add_argument(
+        "--batch-size", type=int, help="tiles per model call (default: what ~70%% of free GPU memory holds, up to 64; 4 on CPU)"
+    )
+    p.add_argument(
+        "--tta", choices=["none", "flip", "d4"],
+        help="test-time augmentation: average logits over a horizontal flip (flip) or all 8 flips/rotations (d4); default none",
+    )
+    p.add_argument(
+        "--compile", action="store_true", default=None,
+        help="run the model through torch.compile (slower start, faster tiles; falls back to eager if compilation fails)",
+    )
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, else one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto)")
     p.add_argument("--ignore-index", type=int, help="label value counted nowhere (default 255)")
@@ -40,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = {
     "model": "model", "checkpoint": "checkpoint", "tile_size": "tile_size", "overlap": "overlap",
     "chunk_size": "chunk_size", "stitch": "stitch", "window": "window", "batch_size": "batch_size",
-    "num_actors": "num_actors", "device": "device", "ignore_index": "ignore_index", "out": "out", "address": "address",
+    "num_actors": "num_actors", "device": "device", "tta": "tta", "compile": "compile",
+    "ignore_index": "ignore_index", "out": "out", "address": "address",
 }
 
 
