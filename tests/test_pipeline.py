@@ -17,7 +17,7 @@ from pipeline.run import run_job
 from pipeline.stitch import sliding_window_predict
 from schemas.job import job_from_dict
 from tests.conftest import CLASSES, TINY
-from workers.predictor import ModelSource, TilePredictor
+from workers.predictor import TilePredictor
 from workers.reader import read_image_window
 from pipeline.geometry import Window
 

@@ -6,12 +6,20 @@ import argparse
 import sys
 
 from pipeline import __version__
-from pipeline.cli import demo, evaluate, query, run, train
+from pipeline.cli import demo, evaluate, export, models, query, run, train
 from schemas.errors import SatsegError
 
 __all__ = ["main"]
 
-COMMANDS = {"run": run, "evaluate": evaluate, "query": query, "train": train, "demo": demo}
+COMMANDS = {
+    "run": run,
+    "evaluate": evaluate,
+    "query": query,
+    "train": train,
+    "models": models,
+    "export": export,
+    "demo": demo,
+}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,9 +11,12 @@ from workers.models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from workers.models.costs import ModelCosts, model_costs
 from workers.models.registry import TILE_MULTIPLE, ModelInfo, create_model, list_models, model_info
 
 __all__ = [
+    "ModelCosts",
+    "model_costs",
     "TILE_MULTIPLE",
     "ModelInfo",
     "create_model",

@@ -123,8 +123,9 @@ def check_tile(x: torch.Tensor, in_channels: int) -> None:
     """Raise ValueError unless ``x`` is ``(N, in_channels, H, W)`` with H, W multiples of TILE_MULTIPLE."""
     if x.ndim != 4 or x.shape[1] != in_channels:
         raise ValueError(f"expected a batch of shape (N, {in_channels}, H, W), got {tuple(x.shape)}")
-    height, width = int(x.shape[-2]), int(x.shape[-1])
+    height, width = x.shape[-2], x.shape[-1]  # no int(): under torch.export they stay symbolic
     if height < TILE_MULTIPLE or width < TILE_MULTIPLE or height % TILE_MULTIPLE or width % TILE_MULTIPLE:
+        height, width = int(height), int(width)
         fit = "x".join(str(max(1, math.ceil(s / TILE_MULTIPLE)) * TILE_MULTIPLE) for s in (height, width))
         raise ValueError(
             f"tile height and width must be positive multiples of {TILE_MULTIPLE}, got {height}x{width}; "
