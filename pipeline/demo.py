@@ -33,7 +33,7 @@ def prepare_demo(root: Path, *, show_progress: bool = True) -> tuple[Path, Path,
     ckpt = root / "model" / f"demo-{DEMO_MODEL}.safetensors"
     if not ckpt.exists():
         train_model(
-            [train_img], [train_lbl], DEMO_MODEL, ckpt, epochs=6, steps_per_epoch=25, batch_size=8, crop=128,
+            [train_img], [train_lbl], DEMO_MODEL, ckpt, epochs=8, steps_per_epoch=40, batch_size=8, crop=128,
             lr=3e-3, class_names=DEMO_CLASSES, model_options=DEMO_OPTIONS, seed=0, show_progress=show_progress,
         )
     return scene, labels, ckpt
