@@ -87,6 +87,7 @@ class PeakMemory:
 def model_alone(source: ModelSource, n_tiles: int, tile: int, batch: int, threads: int, mode: str) -> float:
     """Seconds to run ``n_tiles`` tiles through the model (warm), including softmax/argmax to host."""
     predictor = TilePredictor(source, device="auto", batch_size=batch, threads=threads)
+    batch = predictor.batch_size_for(source.in_channels, tile)  # the pipeline's choice when not given
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, source.in_channels, tile, tile)).astype(np.float32)
     predictor.predict_batch(x[:1], classes=mode == "crop")  # warm-up
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=None, help="default: the job default (~2048, whole strides)")
     ap.add_argument("--stitch", default="blend", choices=["blend", "crop"])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="tiles per model call (default: automatic)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "output"))
     ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results.jsonl"), help="append results here")
     args = ap.parse_args()

@@ -167,8 +167,8 @@ def test_choose_batch_size_refuses_a_cap_below_one():
         choose_batch_size(1000, 10, cap=0)
 
 
-def test_batch_size_is_four_on_cpu_unless_given():
-    assert predictor(Pointwise).batch_size_for(4, 64) == 4
+def test_batch_size_is_one_on_cpu_unless_given():
+    assert predictor(Pointwise).batch_size_for(4, 64) == 1
     assert predictor(Pointwise, batch_size=3).batch_size_for(4, 64) == 3
     with pytest.raises(ValueError, match="at least 1"):
         predictor(Pointwise, batch_size=0)

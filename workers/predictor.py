@@ -30,7 +30,7 @@ __all__ = ["ModelSource", "TileCache", "TilePredictor", "choose_batch_size", "pi
 
 log = logging.getLogger(__name__)
 
-CPU_BATCH_SIZE = 4
+CPU_BATCH_SIZE = 1  # on CPU one 512-px tile per call is fastest per pixel (BENCHMARKS.md)
 MAX_BATCH_SIZE = 64
 GPU_MEMORY_FRACTION = 0.7
 
