@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from schemas.errors import CheckpointError
+from workers.models.checkpoint import write_safetensors
 
 __all__ = [
     "STATE_FORMAT_VERSION",
@@ -131,17 +131,7 @@ def save_train_state(path: str | os.PathLike[str], state: TrainState) -> None:
         "rng": {"numpy": state.rng.numpy, "python": state.rng.python, "cuda_devices": len(state.rng.torch_cuda)},
     }
     text = json.dumps(header, sort_keys=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_METADATA_KEY: text})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_safetensors(Path(path), tensors, {_METADATA_KEY: text})
 
 
 def load_train_state(path: str | os.PathLike[str]) -> TrainState:

@@ -93,12 +93,17 @@ def save_checkpoint(
             f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({_one_line(exc)}); "
             "pass plain numbers, strings, lists and dicts"
         ) from exc
-    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in model.state_dict().items()}
+    return write_safetensors(path, model.state_dict(), {_METADATA_KEY: header})
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write tensors and string metadata atomically (temp file, then rename); returns the file's sha256."""
+    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={_METADATA_KEY: header})
+        save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)
         sha256 = file_sha256(tmp)
         os.replace(tmp, path)
