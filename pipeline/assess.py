@@ -47,6 +47,19 @@ def _pred_block(path: str, block_info=None) -> np.ndarray:
     return data.astype(np.uint8)
 
 
+def _check_store_georeference(pred: Path, labels: SceneInfo) -> None:
+    """A Zarr mask must share the labels' CRS and transform (when it records them)."""
+    import rasterio
+    import xarray as xr
+
+    mask = xr.open_zarr(pred, decode_coords="all")["mask"]
+    crs = mask.rio.crs
+    if crs is not None and labels.crs is not None and crs != rasterio.crs.CRS.from_wkt(labels.crs):
+        raise MismatchError(f"{labels.path}: label CRS differs from mask {pred}; evaluate against labels on the mask's grid")
+    if crs is not None and not np.allclose(tuple(mask.rio.transform())[:6], labels.transform, rtol=0, atol=1e-6):
+        raise MismatchError(f"{labels.path}: label transform differs from mask {pred}; evaluate against labels on the mask's grid")
+
+
 def _open_prediction(pred: Path, labels: SceneInfo, chunk: int) -> tuple[da.Array, list[str] | None]:
     if _is_zarr(pred):
         arr = zarr.open_array(str(pred), path="mask", mode="r")
@@ -55,6 +68,11 @@ def _open_prediction(pred: Path, labels: SceneInfo, chunk: int) -> tuple[da.Arra
                 f"{labels.path}: label shape {labels.height}x{labels.width} differs from mask {pred} "
                 f"{arr.shape[0]}x{arr.shape[1]}; evaluate against labels on the mask's grid"
             )
+        if arr.attrs.get("satseg_job_id") is not None and arr.attrs.get("satseg_complete") is not True:
+            raise MismatchError(
+                f"{pred}: mask is not complete (its job was interrupted); rerun the job to finish it, then evaluate"
+            )
+        _check_store_georeference(pred, labels)
         names = arr.attrs.get("class_names")
         if isinstance(names, str):
             import json
@@ -95,12 +113,13 @@ def assess_mask(
     reports = None
     if out is not None:
         layout = OutputLayout(Path(out))
-        plan = plan_scene(mask.shape[0], mask.shape[1], tile=32, overlap=0, chunk=mask.chunks[0][0], mode="crop")
+        chunk_px = max(mask.chunks[0] + mask.chunks[1])  # nominal chunk, also when the scene is shorter
+        plan = plan_scene(mask.shape[0], mask.shape[1], tile=32, overlap=0, chunk=chunk_px, mode="crop")
         seconds = time.perf_counter() - t0
         row = {
             "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": mask.shape[0],
             "width": mask.shape[1], "num_classes": len(names), "class_names": names, "crs": label_info.crs,
-            "valid_pixels": int(counts.valid.sum()), "chunk_size": mask.chunks[0][0], "seconds": seconds,
+            "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds,
             "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),
         }
         write_table(tiles_table(name, plan, label_info, counts), layout.report_file("tiles", job_id, name))

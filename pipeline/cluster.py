@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Ray reads this when it is first imported: with it, a local instance binds to 127.0.0.1
+# instead of every interface. Set before anything imports ray (this module is imported first).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 __all__ = ["connect", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +29,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     env_vars = {"GDAL_CACHEMAX": "128"}
     if ray.is_initialized():
         return address is not None
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before this module
     if address:
         runtime_env = {
             "env_vars": env_vars,

@@ -97,8 +97,22 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
     if spec.model not in list_models():
         raise SpecError(f"unknown model {spec.model!r}; choose one of {', '.join(list_models())}")
     classes = list(spec.classes or [])
+    _check_model_options(spec.model, len(classes), dict(spec.model_options))
     source = ModelSource(spec.model, len(spec.bands) if spec.bands else 0, len(classes), dict(spec.model_options), None, spec.seed)
     return ResolvedModel(source, classes, list(spec.bands) if spec.bands else None, None, None, None)
+
+
+def _check_model_options(name: str, num_classes: int, options: dict) -> None:
+    """Build the model once on the meta device, so bad options fail here with one line, not in an actor."""
+    import torch
+
+    from workers.models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(name, 3, num_classes, **options)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"model_options {options}: {str(err).splitlines()[0]}; fix the model options") from None
 
 
 def _scene_bands(model: ResolvedModel, info: SceneInfo) -> list[int]:

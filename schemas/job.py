@@ -66,7 +66,7 @@ class JobSpec(BaseModel):
     chunk_size: int | None = None
     stitch: Literal["auto", "blend", "crop"] = "auto"
     window: Literal["hann", "triangular", "gaussian", "uniform"] = "hann"
-    batch_size: int | None = Field(default=None, ge=1)  # None: from free GPU memory, 4 on CPU
+    batch_size: int | None = Field(default=None, ge=1)  # None: from free GPU memory, 1 on CPU
     tta: Literal["none", "flip", "d4"] = "none"
     compile: bool = False
     ignore_index: int = 255
@@ -99,6 +99,8 @@ class JobSpec(BaseModel):
             raise ValueError(f"chunk_size must be at least 32 (got {self.chunk_size})")
         if self.model is None and self.checkpoint is None:
             raise ValueError("give a model name or a checkpoint")
+        if self.classes is not None and len(self.classes) > 255:
+            raise ValueError(f"at most 255 classes fit a uint8 mask with nodata 255 (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
             raise ValueError("a model without a checkpoint needs `classes` (the class names)")
         names = [s.scene_name for s in self.scenes]

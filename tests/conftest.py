@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 CLASSES = ["water", "forest", "cropland", "urban", "bare_soil"]
 TINY = {"width_multiplier": 0.25}

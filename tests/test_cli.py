@@ -160,3 +160,29 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"satseg: error: {tmp_path / 'x.tif'}: image file not found; check the path"]
+
+
+def test_bad_model_options_are_one_line_before_anything_is_written(capsys, tmp_path, odd_scene):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"scenes: [{{image: {odd_scene.image}}}]\nmodel: hrnet_w18_small_v1\nclasses: [a, b]\nmodel_options: {{foo: 1}}\nout: o2\n")
+    code, _, err = run_cli(capsys, "run", str(job))
+    assert_one_line_error(code, err, "model_options", "foo")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_evaluate_refuses_an_unfinished_mask_and_handles_short_scenes(capsys, tmp_path, odd_scene, ray_local):
+    import zarr
+
+    from pipeline.run import run_job
+    from schemas.job import job_from_dict
+
+    spec = job_from_dict({"scenes": [{"image": str(odd_scene.image), "name": "s"}], "model": "hrnet_w18_small_v1",
+                          "model_options": TINY, "classes": CLASSES, "tile_size": 64, "overlap": 16, "chunk_size": 512,
+                          "out": str(tmp_path / "out")})
+    run_job(spec, show_progress=False)
+    store = tmp_path / "out" / "masks" / "s.zarr"
+    code, out, err = run_cli(capsys, "evaluate", str(store), str(odd_scene.labels), "--out", str(tmp_path / "ev"))
+    assert code == 0, err  # the scene (301 px) is shorter than one chunk (512 px)
+    zarr.open_array(str(store), path="mask", mode="r+").attrs["satseg_complete"] = False
+    code, _, err = run_cli(capsys, "evaluate", str(store), str(odd_scene.labels))
+    assert_one_line_error(code, err, "not complete")

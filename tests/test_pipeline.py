@@ -164,3 +164,8 @@ def test_checkpoint_alone_is_enough_to_run(ray_local, odd_scene, tmp_path):
     assert result.scenes[0].metrics is None
     row = pq.read_table(result.layout.reports / "scenes").to_pylist()[0]
     assert row["bands"] == [4, 3, 2] and row["checkpoint_sha256"] and row["mean_iou"] is None
+
+
+def test_local_ray_instance_is_bound_to_loopback(ray_local):
+    assert ray_local.util.get_node_ip_address() == "127.0.0.1"
+    assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--window", choices=["hann", "triangular", "gaussian", "uniform"], help="blend window (default hann)")
     p.add_argument(
-        "--batch-size", type=int, help="tiles per model call (default: what ~70%% of free GPU memory holds, up to 64; 4 on CPU)"
+        "--batch-size", type=int, help="tiles per model call (default: what ~70%% of free GPU memory holds, up to 64; 1 on CPU)"
     )
     p.add_argument(
         "--tta", choices=["none", "flip", "d4"],
