@@ -157,7 +157,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model": args.model, "width_multiplier": args.width_multiplier, "scene": f"{args.size}x{args.size}",
         "tile": args.tile, "overlap": args.overlap, "chunk": spec.effective_chunk_size, "stitch": args.stitch,
-        "batch": args.batch, "lattice_tiles": n_tiles, "tiles_touching_chunks": plan.tiles_computed,
+        "batch": args.batch, "lattice_tiles": n_tiles, "tiles_touching_chunks": plan.tiles_touching_chunks,
         "tiles_computed": report["tiles_computed"], "tiles_reused": report["tiles_reused"],
         "actor_startup_seconds": round(result.startup_seconds, 2),
         "pipeline_seconds_total": round(wall, 2), "pipeline_seconds_segmentation": round(scene.predict_seconds, 2),

@@ -20,7 +20,7 @@ from pipeline.plan import plan_scene
 from pipeline.report import classes_table, scenes_table, tiles_table, write_table
 from schemas.errors import InputFileError, MismatchError, SpecError
 from schemas.store import OutputLayout
-from workers.reader import SceneInfo, check_labels_match, open_scene, read_label_window
+from workers.reader import SceneInfo, check_labels_match, open_scene
 
 __all__ = ["Assessment", "assess_mask"]
 
@@ -36,15 +36,6 @@ class Assessment:
 
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and ((path / "zarr.json").exists() or (path / "mask" / "zarr.json").exists())
-
-
-def _pred_block(path: str, block_info=None) -> np.ndarray:
-    from pipeline.geometry import Window
-
-    (r0, r1), (c0, c1) = block_info[None]["array-location"]
-    data = read_label_window(path, Window(r0, c0, r1 - r0, c1 - c0))
-    data[(data < 0) | (data > 254)] = MASK_NODATA
-    return data.astype(np.uint8)
 
 
 def _check_store_georeference(pred: Path, labels: SceneInfo) -> None:
@@ -84,7 +75,8 @@ def _open_prediction(pred: Path, labels: SceneInfo, chunk: int) -> tuple[da.Arra
     info = open_scene(pred, role="prediction")
     check_labels_match(info, labels)
     chunks = da.core.normalize_chunks((chunk, chunk), (info.height, info.width))
-    return da.map_blocks(_pred_block, str(pred), dtype=np.uint8, chunks=chunks, meta=np.empty((0, 0), np.uint8)), None
+    values = label_array(str(pred), (info.height, info.width), chunks)  # windowed reads; nodata reads as -1
+    return da.where((values < 0) | (values > 254), MASK_NODATA, values).astype(np.uint8), None
 
 
 def assess_mask(

@@ -64,8 +64,8 @@ class ScenePlan:
         return (r1 - r0 + 1) * (c1 - c0 + 1)
 
     @property
-    def tiles_computed(self) -> int:
-        """Tile evaluations over all chunks (tiles on chunk edges count once per chunk)."""
+    def tiles_touching_chunks(self) -> int:
+        """Tiles needed summed over chunks (a tile on a chunk edge counts once per chunk it touches)."""
         return sum(len(t.tiles) for t in self.tasks())
 
 

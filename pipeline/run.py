@@ -260,10 +260,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
                 progress.advance(bar)
     predict_seconds = time.perf_counter() - t0
     after = ray.get([a.stats.remote() for a in actors])
-    tiles_predicted = sum(a["tiles_predicted"] - b["tiles_predicted"] for a, b in zip(after, before))
-    tiles_reused = sum(a["tiles_reused"] - b["tiles_reused"] for a, b in zip(after, before))
-    model_seconds = sum(a["model_seconds"] - b["model_seconds"] for a, b in zip(after, before))
-    chunk_seconds = sum(a["chunk_seconds"] - b["chunk_seconds"] for a, b in zip(after, before))
+    spent = {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
 
     ev = progress.add_task(f"{name} evaluate", total=1)
     mask_da = open_mask(store)
@@ -295,13 +292,13 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "stitch": spec.stitch,
         "window": spec.window,
         "tiles_lattice": len(plan.lattice),
-        "tiles_computed": tiles_predicted,
-        "tiles_reused": tiles_reused,
+        "tiles_computed": spent["tiles_predicted"],
+        "tiles_reused": spent["tiles_reused"],
         "chunks_resumed": len(done),
         "seconds": seconds,
         "predict_seconds": predict_seconds,
-        "model_seconds": model_seconds,
-        "actor_busy_seconds": chunk_seconds,
+        "model_seconds": spent["model_seconds"],
+        "actor_busy_seconds": spent["chunk_seconds"],
         "evaluate_seconds": seconds - predict_seconds,
         "megapixels_per_second": mpx / predict_seconds if predict_seconds > 0 else None,
         "satseg_version": __version__,

@@ -75,11 +75,6 @@ class BlendAccumulator:
         """Argmax of the weighted mean (dividing by the weight does not change the argmax)."""
         return np.argmax(self.sum, axis=0).astype(np.uint8)
 
-    def mean(self) -> np.ndarray:
-        """The weighted mean probabilities; 0 where no tile covered a pixel."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.weight > 0, self.sum / self.weight, 0.0).astype(np.float32)
-
 
 def stitch_chunk(
     chunk: Window,

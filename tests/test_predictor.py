@@ -15,7 +15,8 @@ from pipeline.geometry import Window
 from pipeline.run import run_job
 from pipeline.stitch import sliding_window_predict
 from schemas.job import job_from_dict
-from tests.conftest import CLASSES, TINY
+from tests.conftest import CLASSES
+from tests.test_pipeline import job
 from workers.predictor import TilePredictor, choose_batch_size
 from workers.reader import read_image_window
 from workers.tta import dihedral_transforms
@@ -230,18 +231,7 @@ def test_failed_compilation_falls_back_to_eager_with_a_warning(caplog):
 
 
 def flip_job(odd_scene, out, chunk: int):
-    return job_from_dict({
-        "scenes": [{"image": str(odd_scene.image), "labels": str(odd_scene.labels), "name": "odd"}],
-        "model": "hrnet_w18_small_v1",
-        "model_options": TINY,
-        "classes": CLASSES,
-        "tile_size": 64,
-        "overlap": 16,
-        "chunk_size": chunk,
-        "stitch": "blend",
-        "tta": "flip",
-        "out": str(out),
-    })
+    return job(odd_scene, out, chunk_size=chunk, tta="flip", batch_size=None)
 
 
 def test_flip_tta_job_mask_is_identical_for_two_chunk_sizes(ray_local, odd_scene, tmp_path):

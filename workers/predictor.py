@@ -131,12 +131,24 @@ class TilePredictor:
         tta: str = "none",
         compile: bool = False,
     ):
-        self._setup(source.build(), source.num_classes, device, batch_size, threads, cache_bytes, tta, compile)
+        self._setup(
+            source.build(), source.num_classes, device=device, batch_size=batch_size, threads=threads,
+            cache_bytes=cache_bytes, tta=tta, compile=compile,
+        )
 
     @classmethod
-    def from_module(
-        cls,
-        module: torch.nn.Module,
+    def from_module(cls, module: torch.nn.Module, num_classes: int, **options) -> "TilePredictor":
+        """A predictor around a model built elsewhere (any module mapping (N, B, T, T) to (N, C, T, T) logits).
+
+        ``options`` are the constructor's keyword arguments.
+        """
+        predictor = cls.__new__(cls)
+        predictor._setup(module, num_classes, **options)
+        return predictor
+
+    def _setup(
+        self,
+        model: torch.nn.Module,
         num_classes: int,
         *,
         device: str = "auto",
@@ -145,15 +157,6 @@ class TilePredictor:
         cache_bytes: int = 1 << 30,
         tta: str = "none",
         compile: bool = False,
-    ) -> "TilePredictor":
-        """A predictor around a model built elsewhere (any module mapping (N, B, T, T) to (N, C, T, T) logits)."""
-        predictor = cls.__new__(cls)
-        predictor._setup(module, num_classes, device, batch_size, threads, cache_bytes, tta, compile)
-        return predictor
-
-    def _setup(
-        self, model: torch.nn.Module, num_classes: int, device: str, batch_size: int | None,
-        threads: int | None, cache_bytes: int, tta: str, compile: bool,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")

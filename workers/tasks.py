@@ -21,8 +21,7 @@ def read_window_task(path: str, window: Window, bands: Sequence[int], mean: Sequ
 
 
 @ray.remote(max_retries=3)
-def write_chunk_task(store: str, window: Window, mask: np.ndarray, markers: str, key: str) -> int:
-    """Write the chunk, then its done-marker; returns the chunk's valid pixel count."""
+def write_chunk_task(store: str, window: Window, mask: np.ndarray, markers: str, key: str) -> None:
+    """Write the chunk, then its done-marker."""
     write_mask_chunk(Path(store), window, mask)
     mark_chunk_done(Path(markers), key)
-    return int(np.count_nonzero(mask != 255))
