@@ -1,8 +1,14 @@
-"""Evaluating an existing mask (satseg's Zarr or any GeoTIFF) against a label raster, with Dask."""
+"""Evaluating an existing mask against labels, with Dask: any pair of GeoTIFFs or Zarr arrays.
+
+A satseg mask store holds class indices (and maybe probabilities). Any other
+prediction (a GeoTIFF, a foreign Zarr array) holds label values, mapped to
+classes by the same value -> class table as the labels.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,15 +20,38 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.evaluate import chunk_counts, label_array, open_mask
-from pipeline.metrics import MASK_NODATA, SegmentationMetrics, segmentation_metrics
+from pipeline.boundary import boundary_width_for
+from pipeline.evaluate import chunk_counts, label_array, open_mask, open_probabilities
+from pipeline.metrics import MASK_NODATA, SceneScores, SegmentationMetrics, class_indices, scene_scores
 from pipeline.plan import plan_scene
-from pipeline.report import classes_table, scenes_table, tiles_table, write_table
+from pipeline.report import classes_table, curves_table, scenes_table, tiles_table, write_table
 from schemas.errors import InputFileError, MismatchError, SpecError
 from schemas.store import OutputLayout
-from workers.reader import SceneInfo, check_labels_match, open_scene
+from workers.reader import SceneInfo, open_scene
 
-__all__ = ["Assessment", "assess_mask"]
+__all__ = ["Assessment", "ClassTable", "parse_classes", "assess_mask"]
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """Class names in index order, and the label value of each (None: the value is the index)."""
+
+    names: list[str]
+    values: list[int] | None = None
+
+
+def parse_classes(text: str) -> ClassTable:
+    """``a,b,c`` (values 0, 1, 2) or ``10=tree,20=shrub`` (label value = name)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise SpecError("--classes is empty; give names (a,b,c) or value=name pairs (10=tree,20=shrub)")
+    if all("=" not in t for t in items):
+        return ClassTable(items)
+    try:
+        pairs = [(int(v), n.strip()) for v, n in (t.split("=", 1) for t in items)]
+    except ValueError:
+        raise SpecError(f"--classes {text!r}: give value=name pairs with integer values, e.g. 10=tree,20=shrub") from None
+    return ClassTable([n for _, n in pairs], [v for v, _ in pairs])
 
 
 @dataclass
@@ -32,51 +61,116 @@ class Assessment:
     metrics: SegmentationMetrics
     reports: Path | None
     job_id: str
+    scores: SceneScores | None = None
+
+
+@dataclass
+class _Raster:
+    """A 2-D raster to evaluate: lazily read values, georeference if any, and satseg's extras."""
+
+    path: Path
+    values: da.Array  # int64, -1 where nodata
+    info: SceneInfo
+    class_names: list[str] | None = None  # set for satseg masks: values are class indices
+    probabilities: da.Array | None = None
+    georeferenced: bool = True
 
 
 def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and ((path / "zarr.json").exists() or (path / "mask" / "zarr.json").exists())
+    return path.is_dir() and (path / "zarr.json").exists()
 
 
-def _check_store_georeference(pred: Path, labels: SceneInfo) -> None:
-    """A Zarr mask must share the labels' CRS and transform (when it records them)."""
-    import rasterio
+def _zarr_array(path: Path, role: str) -> tuple[zarr.Array, str | None]:
+    """The 2-D array of a Zarr store: the store itself, its ``mask``, or its only 2-D array."""
+    meta = json.loads((path / "zarr.json").read_text())
+    if meta.get("node_type") == "array":
+        return zarr.open_array(str(path), mode="r"), None
+    node = zarr.open_group(str(path), mode="r", use_consolidated=False)  # the arrays' own, current attributes
+    if "mask" in node and isinstance(node["mask"], zarr.Array):
+        return node["mask"], "mask"
+    arrays = [(k, a) for k, a in node.arrays() if a.ndim == 2]
+    if len(arrays) != 1:
+        raise InputFileError(
+            f"{path}: {role} store holds {len(arrays)} 2-D arrays, not one; give the array's own path (STORE.zarr/NAME)"
+        )
+    return arrays[0][1], arrays[0][0]
+
+
+def _zarr_georeference(path: Path, name: str | None) -> tuple[str | None, tuple | None]:
+    """CRS (WKT) and transform a Zarr array carries for xarray/rioxarray, if any."""
+    if name is None:
+        return None, None
+    import rioxarray  # noqa: F401
     import xarray as xr
 
-    mask = xr.open_zarr(pred, decode_coords="all")["mask"]
-    crs = mask.rio.crs
-    if crs is not None and labels.crs is not None and crs != rasterio.crs.CRS.from_wkt(labels.crs):
-        raise MismatchError(f"{labels.path}: label CRS differs from mask {pred}; evaluate against labels on the mask's grid")
-    if crs is not None and not np.allclose(tuple(mask.rio.transform())[:6], labels.transform, rtol=0, atol=1e-6):
-        raise MismatchError(f"{labels.path}: label transform differs from mask {pred}; evaluate against labels on the mask's grid")
+    try:
+        arr = xr.open_zarr(path, decode_coords="all")[name]
+        crs = arr.rio.crs
+        return (crs.to_wkt() if crs else None), (tuple(arr.rio.transform())[:6] if crs else None)
+    except Exception:  # noqa: BLE001  (a store xarray cannot read simply has no georeference)
+        return None, None
 
 
-def _open_prediction(pred: Path, labels: SceneInfo, chunk: int) -> tuple[da.Array, list[str] | None]:
-    if _is_zarr(pred):
-        arr = zarr.open_array(str(pred), path="mask", mode="r")
-        if tuple(arr.shape) != (labels.height, labels.width):
-            raise MismatchError(
-                f"{labels.path}: label shape {labels.height}x{labels.width} differs from mask {pred} "
-                f"{arr.shape[0]}x{arr.shape[1]}; evaluate against labels on the mask's grid"
-            )
-        if arr.attrs.get("satseg_job_id") is not None and arr.attrs.get("satseg_complete") is not True:
-            raise MismatchError(
-                f"{pred}: mask is not complete (its job was interrupted); rerun the job to finish it, then evaluate"
-            )
-        _check_store_georeference(pred, labels)
-        names = arr.attrs.get("class_names")
-        if isinstance(names, str):
-            import json
+def _open_zarr(path: Path, role: str, chunk: int) -> _Raster:
+    arr, name = _zarr_array(path, role)
+    if arr.ndim != 2:
+        raise InputFileError(f"{path}: {role} array has {arr.ndim} dimensions, not 2; give a single-band mask")
+    attrs = dict(arr.attrs)
+    names = attrs.get("class_names")
+    if isinstance(names, str):
+        names = json.loads(names)
+    satseg = attrs.get("satseg_job_id") is not None
+    if satseg and attrs.get("satseg_complete") is not True:
+        raise MismatchError(f"{path}: mask is not complete (its job was interrupted); rerun the job to finish it, then evaluate")
+    crs, transform = _zarr_georeference(path, name)
+    info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform or (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), None)
+    if satseg:
+        values = open_mask(path).astype(np.int64)
+        values = da.where(values == MASK_NODATA, -1, values)
+        probs = open_probabilities(path) if (path / "probabilities" / "zarr.json").exists() else None
+        return _Raster(path, values, info, names, probs, transform is not None)
+    values = da.from_zarr(arr).rechunk((chunk, chunk)).astype(np.int64)
+    nodata = attrs.get("nodata", attrs.get("_FillValue"))
+    if isinstance(nodata, (int, float)) and not (isinstance(nodata, float) and np.isnan(nodata)):
+        values = da.where(values == nodata, -1, values)
+    return _Raster(path, values, info, names if satseg else None, None, transform is not None)
 
-            names = json.loads(names)
-        return open_mask(pred), names
-    if not pred.exists():
-        raise InputFileError(f"{pred}: prediction not found; give a satseg mask (.zarr) or a GeoTIFF")
-    info = open_scene(pred, role="prediction")
-    check_labels_match(info, labels)
+
+def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
+    if _is_zarr(path):
+        return _open_zarr(path, role, chunk)
+    info = open_scene(path, role=role)  # a missing or unreadable file: one line
     chunks = da.core.normalize_chunks((chunk, chunk), (info.height, info.width))
-    values = label_array(str(pred), (info.height, info.width), chunks)  # windowed reads; nodata reads as -1
-    return da.where((values < 0) | (values > 254), MASK_NODATA, values).astype(np.uint8), None
+    return _Raster(path, label_array(str(path), (info.height, info.width), chunks), info)
+
+
+def _check_same_grid(pred: _Raster, labels: _Raster) -> None:
+    if (pred.info.height, pred.info.width) != (labels.info.height, labels.info.width):
+        raise MismatchError(
+            f"{labels.path}: label shape {labels.info.height}x{labels.info.width} differs from mask {pred.path} "
+            f"{pred.info.height}x{pred.info.width}; evaluate against labels on the mask's grid"
+        )
+    if pred.georeferenced and labels.georeferenced:
+        from rasterio.crs import CRS
+
+        a, b = pred.info.crs, labels.info.crs
+        same_crs = (a is None) == (b is None) and (a is None or CRS.from_wkt(a) == CRS.from_wkt(b))
+        if not same_crs:
+            raise MismatchError(f"{labels.path}: label CRS differs from mask {pred.path}; evaluate against labels on the mask's grid")
+        if not np.allclose(pred.info.transform, labels.info.transform, rtol=0, atol=1e-6):
+            raise MismatchError(
+                f"{labels.path}: label transform differs from mask {pred.path}; evaluate against labels on the mask's grid"
+            )
+
+
+def _prediction_indices(pred: _Raster, table: ClassTable) -> da.Array:
+    """Class indices (uint8, 255 nodata): satseg masks hold indices, other predictions hold label values."""
+    c = len(table.names)
+    if pred.class_names is not None or table.values is None:
+        values = pred.values
+        return da.where((values < 0) | (values >= c), MASK_NODATA, values).astype(np.uint8)
+    idx = pred.values.map_blocks(class_indices, c, ignore_index=None, label_values=table.values, dtype=np.int16)
+    return da.where(idx < 0, MASK_NODATA, idx).astype(np.uint8)
 
 
 def assess_mask(
@@ -84,23 +178,44 @@ def assess_mask(
     labels: str | Path,
     *,
     class_names: list[str] | None = None,
-    ignore_index: int = 255,
+    classes: ClassTable | None = None,
+    ignore_index: int | None = 255,
     out: str | Path | None = None,
     chunk: int = 2048,
+    boundary_width: int = 3,
+    boundary_ratio: float | None = None,
+    trimap_max_width: int = 10,
 ) -> Assessment:
     """Metrics of ``pred`` against ``labels``; with ``out``, the reports are written there too."""
     pred, labels = Path(pred), Path(labels)
     t0 = time.perf_counter()
-    label_info = open_scene(labels, role="label")
-    mask, stored = _open_prediction(pred, label_info, chunk)
-    names = list(class_names or stored or [])
-    if not names:
-        raise SpecError(f"{pred}: no class names stored with the mask; pass --classes a,b,c")
-    lab = label_array(str(labels), mask.shape, mask.chunks)
+    if not pred.exists():
+        raise InputFileError(f"{pred}: prediction not found; give a mask (.zarr store or array, or a GeoTIFF)")
+    label_raster = _open_raster(labels, "label", chunk)
+    pred_raster = _open_raster(pred, "prediction", chunk)
+    _check_same_grid(pred_raster, label_raster)
+    table = classes or (ClassTable(list(class_names)) if class_names else None)
+    if table is None and pred_raster.class_names:
+        table = ClassTable(list(pred_raster.class_names))
+    if table is None:
+        raise SpecError(f"{pred}: no class names stored with the mask; pass --classes a,b,c (or 10=tree,20=shrub) or --job")
+    if pred_raster.class_names and list(pred_raster.class_names) != table.names:
+        raise MismatchError(
+            f"{pred}: mask classes {pred_raster.class_names} differ from the given {table.names}; drop --classes or fix it"
+        )
+    c = len(table.names)
+    mask = _prediction_indices(pred_raster, table)
+    lab = label_raster.values.rechunk(mask.chunks)
+    probs = pred_raster.probabilities
+    width = boundary_width_for(mask.shape[0], mask.shape[1], pixels=boundary_width, ratio=boundary_ratio)
     with dask.config.set(scheduler="threads"):
-        counts = chunk_counts(mask, lab, len(names), ignore_index=ignore_index)
-    metrics = segmentation_metrics(counts.total_confusion)
-    job_id = "eval-" + hashlib.sha256(f"{pred.resolve()}|{labels.resolve()}|{names}|{ignore_index}".encode()).hexdigest()[:8]
+        counts = chunk_counts(
+            mask, lab, c, ignore_index=ignore_index, label_values=table.values, probabilities=probs,
+            boundary_width=width, trimap_max=trimap_max_width,
+        )
+    scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
+    key = f"{pred.resolve()}|{labels.resolve()}|{table}|{ignore_index}|{width}|{trimap_max_width}"
+    job_id = "eval-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     name = pred.name.split(".")[0] or "mask"
     reports = None
     if out is not None:
@@ -108,14 +223,17 @@ def assess_mask(
         chunk_px = max(mask.chunks[0] + mask.chunks[1])  # nominal chunk, also when the scene is shorter
         plan = plan_scene(mask.shape[0], mask.shape[1], tile=32, overlap=0, chunk=chunk_px, mode="crop")
         seconds = time.perf_counter() - t0
+        georef = label_raster.info if label_raster.georeferenced else pred_raster.info
         row = {
             "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": mask.shape[0],
-            "width": mask.shape[1], "num_classes": len(names), "class_names": names, "crs": label_info.crs,
-            "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds,
+            "width": mask.shape[1], "num_classes": c, "class_names": table.names, "crs": georef.crs,
+            "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds, "boundary_width": width,
+            "probabilities": f"{pred}/probabilities" if probs is not None else None,
             "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),
         }
-        write_table(tiles_table(name, plan, label_info, counts), layout.report_file("tiles", job_id, name))
-        write_table(classes_table(name, names, metrics, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
-        write_table(scenes_table(row, metrics), layout.report_file("scenes", job_id, name))
+        write_table(tiles_table(name, plan, georef, counts), layout.report_file("tiles", job_id, name))
+        write_table(classes_table(name, table.names, scores, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
+        write_table(curves_table(name, table.names, scores), layout.report_file("curves", job_id, name))
+        write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
         reports = layout.reports
-    return Assessment(name, names, metrics, reports, job_id)
+    return Assessment(name, table.names, scores.metrics, reports, job_id, scores)

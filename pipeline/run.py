@@ -21,11 +21,20 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.cluster import connect
-from pipeline.evaluate import chunk_counts, dask_scheduler, label_array, open_mask
-from pipeline.metrics import SegmentationMetrics, segmentation_metrics
+from pipeline.evaluate import chunk_counts, dask_scheduler, label_array, open_mask, open_probabilities
+from pipeline.boundary import boundary_width_for
+from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
-from pipeline.report import classes_table, scenes_table, tiles_table, write_table
+from pipeline.report import (
+    aggregates_table,
+    classes_table,
+    curves_table,
+    scenes_table,
+    scores_from_rows,
+    tiles_table,
+    write_table,
+)
 from schemas.errors import CheckpointError, OutputConflictError, SpecError
 from schemas.job import JobSpec, SceneSpec
 from schemas.store import OutputLayout
@@ -59,6 +68,7 @@ class SceneResult:
     chunks_total: int
     chunks_resumed: int
     resumed_whole: bool = False
+    scores: SceneScores | None = None
 
 
 @dataclass
@@ -80,9 +90,9 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
             raise CheckpointError(
                 f"{spec.checkpoint}: checkpoint holds model {ckpt.model}, not {spec.model}; drop --model or pass a matching checkpoint"
             )
-        if spec.classes and list(spec.classes) != list(ckpt.class_names):
+        if spec.class_names and spec.class_names != list(ckpt.class_names):
             raise CheckpointError(
-                f"{spec.checkpoint}: checkpoint classes {list(ckpt.class_names)} differ from the job's {spec.classes}; "
+                f"{spec.checkpoint}: checkpoint classes {list(ckpt.class_names)} differ from the job's {spec.class_names}; "
                 "drop `classes` or pass a matching checkpoint"
             )
         if spec.bands and len(spec.bands) != len(ckpt.bands):
@@ -96,7 +106,7 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
 
     if spec.model not in list_models():
         raise SpecError(f"unknown model {spec.model!r}; choose one of {', '.join(list_models())}")
-    classes = list(spec.classes or [])
+    classes = list(spec.class_names or [])
     _check_model_options(spec.model, len(classes), dict(spec.model_options))
     source = ModelSource(spec.model, len(spec.bands) if spec.bands else 0, len(classes), dict(spec.model_options), None, spec.seed)
     return ResolvedModel(source, classes, list(spec.bands) if spec.bands else None, None, None, None)
@@ -212,7 +222,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     import ray
 
     from workers.tasks import read_window_task, write_chunk_task
-    from workers.writer import chunks_done, create_mask_store, set_store_attrs
+    from workers.writer import chunks_done, create_mask_store, create_probabilities_array, set_store_attrs
 
     name = scene.scene_name
     t0 = time.perf_counter()
@@ -230,6 +240,8 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
             chunk,
             {"class_names": model.class_names, "satseg_job_id": job_id, "satseg_complete": False, "source_image": str(scene.image)},
         )
+        if spec.save_probabilities:
+            create_probabilities_array(store, model.class_names, chunk)
     mean = model.mean or [0.0] * len(bands)
     std = model.std or [1.0] * len(bands)
     strip = _strip_width(plan, len(model.class_names), len(actors))
@@ -249,7 +261,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
                 break
             data = read_window_task.remote(str(scene.image), task.read, bands, mean, std)
             actor = actors[(task.col // strip) % len(actors)]  # one strip, one actor: shared tiles are reused
-            mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image))
+            mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
             in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task
             submitted += 1
         if in_flight:
@@ -265,9 +277,17 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     ev = progress.add_task(f"{name} evaluate", total=1)
     mask_da = open_mask(store)
     labels_da = label_array(str(scene.labels), mask_da.shape, mask_da.chunks) if labels is not None else None
+    probs_da = open_probabilities(store) if spec.save_probabilities else None
+    width = boundary_width_for(info.height, info.width, pixels=spec.boundary_width, ratio=spec.boundary_ratio)
     with dask.config.set(scheduler=dask_scheduler(use_ray_dask)):
-        counts = chunk_counts(mask_da, labels_da, len(model.class_names), ignore_index=spec.ignore_index)
-    metrics = segmentation_metrics(counts.total_confusion) if counts.total_confusion is not None else None
+        counts = chunk_counts(
+            mask_da, labels_da, len(model.class_names), ignore_index=spec.ignore_index, label_values=spec.label_values,
+            probabilities=probs_da, boundary_width=width, trimap_max=spec.trimap_max_width,
+        )
+    scores = None
+    if counts.total_confusion is not None:
+        scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
+    metrics = scores.metrics if scores is not None else None
     progress.advance(ev)
     seconds = time.perf_counter() - t0
     mpx = info.height * info.width / 1e6
@@ -283,6 +303,8 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "class_names": model.class_names,
         "crs": info.crs,
         "valid_pixels": int(counts.valid.sum()),
+        "boundary_width": width if labels is not None else None,
+        "probabilities": f"{store}/probabilities" if spec.save_probabilities else None,
         "model": model.source.name,
         "checkpoint": model.source.checkpoint,
         "checkpoint_sha256": model.checkpoint_sha256,
@@ -305,24 +327,29 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "finished_at": datetime.now(timezone.utc),
     }
     write_table(tiles_table(name, plan, info, counts), layout.report_file("tiles", job_id, name))
-    write_table(classes_table(name, model.class_names, metrics, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
-    write_table(scenes_table(row, metrics), layout.report_file("scenes", job_id, name))
+    write_table(classes_table(name, model.class_names, scores, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
+    write_table(curves_table(name, model.class_names, scores), layout.report_file("curves", job_id, name))
+    write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
     set_store_attrs(store, satseg_complete=True)
     layout.scene_done(name).parent.mkdir(parents=True, exist_ok=True)
     layout.scene_done(name).write_text(json.dumps({"job_id": job_id, "finished_at": row["finished_at"].isoformat()}))
-    return SceneResult(name, info, store, metrics, seconds, predict_seconds, row["megapixels_per_second"] or 0.0, len(plan.grid), len(done))
+    return SceneResult(
+        name, info, store, metrics, seconds, predict_seconds, row["megapixels_per_second"] or 0.0, len(plan.grid), len(done),
+        scores=scores,
+    )
 
 
 def _finished_scene(layout: OutputLayout, job_id: str, name: str, info: SceneInfo) -> SceneResult:
     """A scene finished by an earlier run of the same job, read back from its report."""
     row = pq.read_table(layout.report_file("scenes", job_id, name)).to_pylist()[0]
-    metrics = None
-    if row["confusion"] is not None:
-        c = row["num_classes"]
-        metrics = segmentation_metrics(np.asarray(row["confusion"], dtype=np.int64).reshape(c, c))
+    tables = {}
+    for table in ("classes", "curves"):
+        path = layout.report_file(table, job_id, name)
+        tables[table] = pq.read_table(path).to_pylist() if path.exists() else []
+    scores = scores_from_rows(row, tables["classes"], tables["curves"])
     return SceneResult(
-        name, info, layout.mask_store(name), metrics, row["seconds"], row["predict_seconds"],
-        row["megapixels_per_second"] or 0.0, 0, 0, resumed_whole=True,
+        name, info, layout.mask_store(name), scores.metrics if scores else None, row["seconds"], row["predict_seconds"],
+        row["megapixels_per_second"] or 0.0, 0, 0, resumed_whole=True, scores=scores,
     )
 
 
@@ -366,4 +393,18 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
 
         for a in actors:
             ray.kill(a)
+    _write_aggregates(layout, job_id)
     return result
+
+
+def _job_rows(layout: OutputLayout, table: str, job_id: str) -> list[dict]:
+    folder = layout.reports / table / f"job_id={job_id}"
+    return [row for f in sorted(folder.glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+
+
+def _write_aggregates(layout: OutputLayout, job_id: str) -> None:
+    """Micro and macro aggregates over every finished scene of the job, from its own report tables."""
+    scenes = _job_rows(layout, "scenes", job_id)
+    if any(s.get("confusion") is not None for s in scenes):
+        table = aggregates_table(scenes, _job_rows(layout, "classes", job_id), _job_rows(layout, "curves", job_id))
+        write_table(table, layout.aggregates_file(job_id))

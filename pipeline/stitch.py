@@ -75,6 +75,12 @@ class BlendAccumulator:
         """Argmax of the weighted mean (dividing by the weight does not change the argmax)."""
         return np.argmax(self.sum, axis=0).astype(np.uint8)
 
+    def probabilities(self) -> np.ndarray:
+        """The weighted mean of class probabilities (C, h, w); 0 where no tile covers a pixel."""
+        out = np.zeros_like(self.sum)
+        np.divide(self.sum, self.weight, out=out, where=self.weight > 0)
+        return out
+
 
 def stitch_chunk(
     chunk: Window,
@@ -84,12 +90,15 @@ def stitch_chunk(
     mode: StitchMode,
     num_classes: int,
     weights: np.ndarray | None = None,
-) -> np.ndarray:
+    probabilities: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Class map (uint8) of ``chunk`` from (tile window, output) pairs in lattice order.
 
     For ``blend`` the outputs are probabilities (C, T, T); for ``crop`` they are
     class maps (T, T) or probabilities, and only each tile's core is kept.
-    Pixels that no tile covers are left at 255 (nodata).
+    Pixels that no tile covers are left at 255 (nodata). With ``probabilities``
+    (outputs must then be probabilities) the stitched probabilities (C, h, w,
+    float32; 0 where uncovered) come back too.
     """
     if mode == "blend":
         if weights is None:
@@ -99,9 +108,10 @@ def stitch_chunk(
             acc.add(win, out)
         classes = acc.classes()
         classes[acc.weight == 0] = 255
-        return classes
+        return (classes, acc.probabilities()) if probabilities else classes
     if mode == "crop":
         out_map = np.full(chunk.shape, 255, dtype=np.uint8)
+        probs = np.zeros((num_classes, *chunk.shape), dtype=np.float32) if probabilities else None
         m, s = lattice.margin, lattice.stride
         for win, out in tiles:
             core = Window(win.row_off + m, win.col_off + m, s, s).intersection(chunk)
@@ -109,7 +119,9 @@ def stitch_chunk(
                 continue
             labels = out if out.ndim == 2 else np.argmax(out, axis=0)
             out_map[core.slices_in(chunk)] = labels[core.slices_in(win)]
-        return out_map
+            if probs is not None:
+                probs[(slice(None), *core.slices_in(chunk))] = out[(slice(None), *core.slices_in(win))]
+        return (out_map, probs) if probabilities else out_map
     raise ValueError(f"unknown stitch mode {mode!r}; choose blend or crop")
 
 

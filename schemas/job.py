@@ -59,7 +59,7 @@ class JobSpec(BaseModel):
     model: str | None = None
     checkpoint: Path | None = None
     model_options: dict = Field(default_factory=dict)
-    classes: list[str] | None = None
+    classes: list[str] | dict[int, str] | None = None  # names, or label value -> name
     bands: list[int] | None = None
     tile_size: int = 512
     overlap: int = 64
@@ -76,6 +76,10 @@ class JobSpec(BaseModel):
     max_windows_in_flight: int | None = Field(default=None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    save_probabilities: bool = False  # per-class probabilities (uint8) beside the mask: PR curves and AP
+    boundary_width: int = Field(default=3, ge=1, le=256)  # boundary IoU band, in pixels
+    boundary_ratio: float | None = Field(default=None, gt=0, lt=1)  # the paper's rule: ratio of the diagonal
+    trimap_max_width: int = Field(default=10, ge=1, le=256)  # trimap IoU for band widths 1..N
 
     @field_validator("tile_size")
     @classmethod
@@ -99,6 +103,8 @@ class JobSpec(BaseModel):
             raise ValueError(f"chunk_size must be at least 32 (got {self.chunk_size})")
         if self.model is None and self.checkpoint is None:
             raise ValueError("give a model name or a checkpoint")
+        if isinstance(self.classes, dict) and len(set(self.classes.values())) != len(self.classes):
+            raise ValueError("class names in the `classes` mapping must be unique")
         if self.classes is not None and len(self.classes) > 255:
             raise ValueError(f"at most 255 classes fit a uint8 mask with nodata 255 (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
@@ -108,6 +114,18 @@ class JobSpec(BaseModel):
         if dup:
             raise ValueError(f"scene names must be unique; give `name` to scenes {', '.join(dup)}")
         return self
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names in class-index order."""
+        if isinstance(self.classes, dict):
+            return list(self.classes.values())
+        return list(self.classes) if self.classes is not None else None
+
+    @property
+    def label_values(self) -> list[int] | None:
+        """The label value of each class when `classes` maps values to names (else the value is the index)."""
+        return list(self.classes) if isinstance(self.classes, dict) else None
 
     @property
     def effective_chunk_size(self) -> int:

@@ -1,16 +1,23 @@
 """Report tables (Parquet, Hive-partitioned by job id): their pyarrow schemas.
 
 `satseg query` registers each table as a DuckDB view of the same name. The
-``job_id`` column comes from the partition folder, not from the files.
+``job_id`` column comes from the partition folder, not from the files. The
+``tiles`` table is GeoParquet 1.1: ``geometry`` holds each chunk's footprint
+(WKB polygon in the scene CRS) and ``bbox`` is its covering column.
+
+Counts (confusion matrices, boundary bands, probability histograms) are
+stored beside the ratios, so every metric can be recomputed exactly from the
+tables. List columns indexed by class follow the class order of the scene;
+``trimap_iou[k]`` is for band width ``k + 1``.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["SCHEMA_VERSION", "TILES", "CLASSES", "SCENES", "TABLE_SCHEMAS"]
+__all__ = ["SCHEMA_VERSION", "TILES", "CLASSES", "SCENES", "CURVES", "AGGREGATES", "TABLE_SCHEMAS"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _f64 = pa.float64()
 _i64 = pa.int64()
@@ -24,10 +31,8 @@ TILES = pa.schema(
         ("col_off", _i64),
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("minx", _f64),
-        ("miny", _f64),
-        ("maxx", _f64),
-        ("maxy", _f64),
+        ("geometry", pa.binary()),
+        ("bbox", pa.struct([("xmin", _f64), ("ymin", _f64), ("xmax", _f64), ("ymax", _f64)])),
         ("valid_pixels", _i64),
         ("predicted_pixels", pa.list_(_i64)),
         ("confusion", pa.list_(_i64)),
@@ -35,6 +40,8 @@ TILES = pa.schema(
         ("pixel_accuracy", _f64),
         ("mean_iou", _f64),
         ("iou", pa.list_(_f64)),
+        ("boundary_iou", pa.list_(_f64)),
+        ("mean_boundary_iou", _f64),
     ],
     metadata={"satseg_table": "tiles", "satseg_schema_version": str(SCHEMA_VERSION)},
 )
@@ -52,6 +59,12 @@ CLASSES = pa.schema(
         ("accuracy", _f64),
         ("precision", _f64),
         ("recall", _f64),
+        ("boundary_truth_pixels", _i64),
+        ("boundary_predicted_pixels", _i64),
+        ("boundary_intersection", _i64),
+        ("boundary_iou", _f64),
+        ("average_precision", _f64),
+        ("trimap_iou", pa.list_(_f64)),
     ],
     metadata={"satseg_table": "classes", "satseg_schema_version": str(SCHEMA_VERSION)},
 )
@@ -78,7 +91,12 @@ SCENES = pa.schema(
         ("mean_precision", _f64),
         ("mean_recall", _f64),
         ("kappa", _f64),
+        ("mean_boundary_iou", _f64),
+        ("boundary_width", pa.int32()),
+        ("mean_average_precision", _f64),
+        ("trimap_miou", pa.list_(_f64)),
         ("confusion", pa.list_(_i64)),
+        ("probabilities", pa.string()),
         ("model", pa.string()),
         ("checkpoint", pa.string()),
         ("checkpoint_sha256", pa.string()),
@@ -103,4 +121,45 @@ SCENES = pa.schema(
     metadata={"satseg_table": "scenes", "satseg_schema_version": str(SCHEMA_VERSION)},
 )
 
-TABLE_SCHEMAS = {"tiles": TILES, "classes": CLASSES, "scenes": SCENES}
+CURVES = pa.schema(
+    [
+        ("scene", pa.string()),
+        ("class_index", pa.int32()),
+        ("class_name", pa.string()),
+        ("threshold", _f64),  # a pixel is called the class when its stored probability >= threshold
+        ("precision", _f64),
+        ("recall", _f64),
+        ("true_positives", _i64),
+        ("false_positives", _i64),
+    ],
+    metadata={"satseg_table": "curves", "satseg_schema_version": str(SCHEMA_VERSION)},
+)
+
+# One row per aggregate of a job's scenes: "micro" pools the counts of every scene (then takes
+# the metric), "macro" is the mean over scenes of each scene's metric.
+AGGREGATES = pa.schema(
+    [
+        ("aggregate", pa.string()),
+        ("scenes", pa.int32()),
+        ("class_names", pa.list_(pa.string())),
+        ("labelled_pixels", _i64),
+        ("pixel_accuracy", _f64),
+        ("mean_accuracy", _f64),
+        ("mean_iou", _f64),
+        ("mean_dice", _f64),
+        ("frequency_weighted_iou", _f64),
+        ("mean_precision", _f64),
+        ("mean_recall", _f64),
+        ("kappa", _f64),
+        ("mean_boundary_iou", _f64),
+        ("mean_average_precision", _f64),
+        ("iou", pa.list_(_f64)),
+        ("dice", pa.list_(_f64)),
+        ("boundary_iou", pa.list_(_f64)),
+        ("average_precision", pa.list_(_f64)),
+        ("confusion", pa.list_(_i64)),
+    ],
+    metadata={"satseg_table": "aggregates", "satseg_schema_version": str(SCHEMA_VERSION)},
+)
+
+TABLE_SCHEMAS = {"tiles": TILES, "classes": CLASSES, "scenes": SCENES, "curves": CURVES, "aggregates": AGGREGATES}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 __all__ = ["OutputLayout", "REPORT_TABLES"]
 
-REPORT_TABLES = ("tiles", "classes", "scenes")
+REPORT_TABLES = ("tiles", "classes", "scenes", "curves", "aggregates")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class OutputLayout:
 
     def report_file(self, table: str, job_id: str, scene: str) -> Path:
         return self.reports / table / f"job_id={job_id}" / f"{scene}.parquet"
+
+    def aggregates_file(self, job_id: str) -> Path:
+        """Micro and macro aggregates over the job's scenes (rewritten after each run)."""
+        return self.reports / "aggregates" / f"job_id={job_id}" / "job.parquet"
 
     def chunk_markers(self, scene: str) -> Path:
         return self.state / scene / "chunks"

@@ -113,7 +113,7 @@ def test_reports_hold_exact_metrics(blend_run, odd_scene):
     assert sum(t["valid_pixels"] for t in tiles) == int((mask != 255).sum())
     first = min(tiles, key=lambda t: (t["chunk_row"], t["chunk_col"]))
     with rasterio.open(odd_scene.image) as src:
-        assert (first["minx"], first["maxy"]) == pytest.approx((src.bounds.left, src.bounds.top))
+        assert (first["bbox"]["xmin"], first["bbox"]["ymax"]) == pytest.approx((src.bounds.left, src.bounds.top))
     classes = pq.read_table(reports / "classes").to_pylist()
     assert [c["class_name"] for c in classes] == CLASSES
     for c in classes:

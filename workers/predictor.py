@@ -291,11 +291,17 @@ class TilePredictor:
             self._cache.use(rc, out, plan.chunks_per_tile(*rc))
             yield win, out
 
-    def predict_chunk(self, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str = "") -> np.ndarray:
-        """The chunk's class map (uint8, 255 where the input has no data)."""
+    def predict_chunk(
+        self, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str = "", probabilities: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The chunk's class map (uint8, 255 where the input has no data).
+
+        With ``probabilities`` also the class probabilities (C, h, w) quantised
+        to uint8 (q = round(255 p); 0 where the input has no data).
+        """
         started = time.perf_counter()
         lattice = plan.lattice
-        self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap))
+        self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap, probabilities))
         tiles = []
         for r, c in task.tiles:
             win = lattice.window(r, c)
@@ -307,17 +313,23 @@ class TilePredictor:
             if key not in self._weights:
                 self._weights[key] = window_weights(window, lattice.tile)
             weights = self._weights[key]
-        mask = stitch_chunk(
+        out = stitch_chunk(
             task.chunk,
-            self._tile_outputs(data, tiles, plan.mode == "crop", plan),
+            self._tile_outputs(data, tiles, plan.mode == "crop" and not probabilities, plan),
             lattice=lattice,
             mode=plan.mode,
             num_classes=self.num_classes,
             weights=weights,
+            probabilities=probabilities,
         )
-        mask[~data.valid[task.chunk.slices_in(data.window)]] = 255
+        mask, probs = out if probabilities else (out, None)
+        nodata = ~data.valid[task.chunk.slices_in(data.window)]
+        mask[nodata] = 255
+        if probs is not None:
+            probs = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+            probs[:, nodata] = 0
         self.chunk_seconds += time.perf_counter() - started
-        return mask
+        return (mask, probs) if probabilities else mask
 
     def stats(self) -> dict:
         return {

@@ -10,7 +10,7 @@ import ray
 
 from pipeline.geometry import Window
 from workers.reader import WindowData, read_image_window
-from workers.writer import mark_chunk_done, write_mask_chunk
+from workers.writer import mark_chunk_done, write_mask_chunk, write_probabilities_chunk
 
 __all__ = ["read_window_task", "write_chunk_task"]
 
@@ -21,7 +21,10 @@ def read_window_task(path: str, window: Window, bands: Sequence[int], mean: Sequ
 
 
 @ray.remote(max_retries=3)
-def write_chunk_task(store: str, window: Window, mask: np.ndarray, markers: str, key: str) -> None:
-    """Write the chunk, then its done-marker."""
+def write_chunk_task(store: str, window: Window, mask: np.ndarray | tuple, markers: str, key: str) -> None:
+    """Write the chunk (and its probabilities, when the actor returned them), then its done-marker."""
+    if isinstance(mask, tuple):
+        mask, probabilities = mask
+        write_probabilities_chunk(Path(store), window, probabilities)
     write_mask_chunk(Path(store), window, mask)
     mark_chunk_done(Path(markers), key)

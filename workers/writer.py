@@ -18,7 +18,11 @@ from pipeline.geometry import Window
 from pipeline.metrics import MASK_NODATA
 from workers.reader import SceneInfo
 
-__all__ = ["create_mask_store", "write_mask_chunk", "mark_chunk_done", "chunks_done", "set_store_attrs"]
+__all__ = [
+    "create_mask_store",
+    "create_probabilities_array",
+    "write_mask_chunk",
+    "write_probabilities_chunk", "mark_chunk_done", "chunks_done", "set_store_attrs"]
 
 
 def create_mask_store(store: Path, scene: SceneInfo, chunk: int, attrs: dict) -> None:
@@ -45,6 +49,34 @@ def create_mask_store(store: Path, scene: SceneInfo, chunk: int, attrs: dict) ->
     with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3; xarray reads it
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         ds.to_zarr(store, mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=True)
+
+
+def create_probabilities_array(store: Path, class_names: list[str], chunk: int) -> None:
+    """Add ``probabilities`` (C, H, W) uint8 to a mask store: p = q / 255, chunked like the mask (all classes per chunk).
+
+    One chunk of it is written by the task that writes the same mask chunk, so
+    writes stay chunk-aligned with one writer each.
+    """
+    mask = zarr.open_array(str(store), path="mask", mode="r")
+    root = zarr.open_group(str(store), mode="r+")
+    arr = root.create_array(
+        "probabilities",
+        shape=(len(class_names), *mask.shape),
+        chunks=(len(class_names), chunk, chunk),
+        dtype="uint8",
+        fill_value=0,
+        dimension_names=("class", "y", "x"),
+        overwrite=True,
+    )
+    arr.attrs.update({"class_names": json.dumps(class_names), "description": "class probability p = value / 255"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(store))
+
+
+def write_probabilities_chunk(store: Path, window: Window, probabilities: np.ndarray) -> None:
+    arr = zarr.open_array(str(store), path="probabilities", mode="r+")
+    arr[:, window.row_off : window.row_stop, window.col_off : window.col_stop] = probabilities
 
 
 def write_mask_chunk(store: Path, window: Window, mask: np.ndarray) -> None:

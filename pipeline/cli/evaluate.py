@@ -6,24 +6,56 @@ import argparse
 
 from pipeline.cli.summary import print_metrics
 
-HELP = "metrics of an existing mask (satseg Zarr or GeoTIFF) against a label GeoTIFF"
+HELP = "metrics of an existing mask against labels: any pair of GeoTIFFs or Zarr arrays on the same grid"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pred", help="predicted mask: a satseg .zarr store or a single-band GeoTIFF (255 = nodata)")
-    p.add_argument("labels", help="label GeoTIFF on the same grid")
-    p.add_argument("--classes", help="comma-separated class names (default: those stored with the mask)")
-    p.add_argument("--ignore-index", type=int, default=255, help="label value counted nowhere (default 255)")
-    p.add_argument("--chunk-size", type=int, default=2048, help="chunk size for GeoTIFF masks (default 2048)")
-    p.add_argument("--out", help="also write tiles/classes/scenes reports under OUT/reports")
+    p.add_argument(
+        "pred",
+        help="predicted mask: a satseg .zarr store (class indices, 255 = nodata), another Zarr array "
+        "(STORE.zarr or STORE.zarr/ARRAY) or a single-band GeoTIFF; foreign masks hold label values",
+    )
+    p.add_argument("labels", help="labels on the same grid: a GeoTIFF or a Zarr array")
+    p.add_argument(
+        "--classes",
+        help="class names a,b,c (label value = index) or a mapping 10=tree,20=shrub (label value = name); "
+        "default: those stored with the mask, or the job file's",
+    )
+    p.add_argument("--job", help="take classes (a list or a value: name mapping), ignore_index and boundary settings from a job file")
+    p.add_argument("--ignore-index", type=int, help="label value counted nowhere (default 255)")
+    p.add_argument("--boundary-width", type=int, help="boundary IoU band width in pixels (default 3)")
+    p.add_argument(
+        "--boundary-ratio", type=float,
+        help="band width as this ratio of the image diagonal (the paper's rule, e.g. 0.02, meant for tile-sized images)",
+    )
+    p.add_argument("--trimap-max-width", type=int, help="trimap IoU for band widths 1..N px (default 10)")
+    p.add_argument("--chunk-size", type=int, default=2048, help="chunk size for masks without chunks of their own (default 2048)")
+    p.add_argument("--out", help="also write tiles/classes/scenes/curves reports under OUT/reports")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.assess import assess_mask
+    from pipeline.assess import ClassTable, assess_mask, parse_classes
+    from schemas.errors import SpecError
 
-    names = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    result = assess_mask(args.pred, args.labels, class_names=names, ignore_index=args.ignore_index, out=args.out, chunk=args.chunk_size)
-    print_metrics(f"{result.name}: per-class metrics", result.class_names, result.metrics)
+    settings = {"ignore_index": 255, "boundary_width": 3, "boundary_ratio": None, "trimap_max_width": 10}
+    table = None
+    if args.job:
+        from schemas.job import load_job
+
+        spec = load_job(args.job)
+        table = ClassTable(spec.class_names, spec.label_values) if spec.class_names else None
+        settings.update({k: getattr(spec, k) for k in settings})
+    if args.classes:
+        table = parse_classes(args.classes)
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if settings["boundary_width"] < 1 or settings["trimap_max_width"] < 1:
+        raise SpecError("--boundary-width and --trimap-max-width must be at least 1")
+    if settings["boundary_ratio"] is not None and not 0 < settings["boundary_ratio"] < 1:
+        raise SpecError(f"--boundary-ratio {settings['boundary_ratio']}: give a ratio between 0 and 1, e.g. 0.02")
+    result = assess_mask(args.pred, args.labels, classes=table, out=args.out, chunk=args.chunk_size, **settings)
+    print_metrics(f"{result.name}: per-class metrics", result.class_names, result.metrics, result.scores)
     if result.reports:
         print(f"reports: {result.reports} (job id {result.job_id})")
     return 0

@@ -16,15 +16,22 @@ def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def print_metrics(title: str, class_names: list[str], metrics) -> None:
+def print_metrics(title: str, class_names: list[str], metrics, scores=None) -> None:
+    """Per-class table and scalar metrics; ``scores`` (SceneScores) adds boundary IoU, AP and the trimap."""
+    boundary = scores.boundary_iou if scores is not None else None
+    ap = scores.average_precision if scores is not None else None
     table = Table(title=title, title_justify="left")
-    for col in ("class", "IoU", "Dice", "precision", "recall", "truth px", "predicted px"):
+    cols = ["class", "IoU", "Dice", "precision", "recall"]
+    cols += ["boundary IoU"] if boundary is not None else []
+    cols += ["AP"] if ap is not None else []
+    for col in (*cols, "truth px", "predicted px"):
         table.add_column(col, justify="left" if col == "class" else "right")
     m = metrics.confusion
     for i, name in enumerate(class_names):
+        extra = ([_fmt(boundary[i])] if boundary is not None else []) + ([_fmt(ap[i])] if ap is not None else [])
         table.add_row(
             name, _fmt(metrics.iou[i]), _fmt(metrics.dice[i]), _fmt(metrics.precision[i]), _fmt(metrics.recall[i]),
-            f"{int(m[i].sum()):,}", f"{int(m[:, i].sum()):,}",
+            *extra, f"{int(m[i].sum()):,}", f"{int(m[:, i].sum()):,}",
         )
     _out.print(table)
     _out.print(
@@ -32,6 +39,14 @@ def print_metrics(title: str, class_names: list[str], metrics) -> None:
         f"mean accuracy {_fmt(metrics.mean_accuracy)}  macro Dice {_fmt(metrics.mean_dice)}  "
         f"FW IoU {_fmt(metrics.frequency_weighted_iou)}  kappa {_fmt(metrics.kappa)}"
     )
+    if scores is not None and scores.boundary_iou is not None:
+        line = f"mean boundary IoU {_fmt(scores.mean_boundary_iou)}"
+        if scores.average_precision is not None:
+            line += f"  mAP {_fmt(scores.mean_average_precision)}"
+        if scores.trimap_miou is not None and len(scores.trimap_miou):
+            t = scores.trimap_miou
+            line += f"  trimap mIoU {_fmt(t[0])} at 1 px .. {_fmt(t[-1])} at {len(t)} px"
+        _out.print(line)
 
 
 def print_job_summary(result) -> None:
@@ -44,7 +59,7 @@ def print_job_summary(result) -> None:
             head += f" (resumed: {s.chunks_resumed} of {s.chunks_total} chunks were already done)"
         _out.print(f"[bold]{head}[/]")
         if s.metrics is not None:
-            print_metrics(f"{s.name}: per-class metrics", names, s.metrics)
+            print_metrics(f"{s.name}: per-class metrics", names, s.metrics, s.scores)
         _out.print(
             f"throughput {s.megapixels_per_second:.2f} Mpx/s (segmentation {s.predict_seconds:.1f} s, "
             f"total with evaluation {s.seconds:.1f} s)"
