@@ -42,6 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, else one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto)")
     p.add_argument("--ignore-index", type=int, help="label value counted nowhere (default 255)")
+    p.add_argument(
+        "--save-probabilities", action="store_true", default=None,
+        help="store per-class probabilities (uint8, p = value/255) beside the mask; adds PR curves and AP to the reports",
+    )
+    p.add_argument("--boundary-width", type=int, help="boundary IoU band width in pixels (default 3)")
+    p.add_argument(
+        "--boundary-ratio", type=float,
+        help="boundary band width as this ratio of the scene diagonal (the paper's rule, for tile-sized images)",
+    )
+    p.add_argument("--trimap-max-width", type=int, help="trimap IoU for band widths 1..N px (default 10)")
     p.add_argument("--out", help="output folder (default satseg-output)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -51,7 +61,8 @@ _FLAG_FIELDS = {
     "model": "model", "checkpoint": "checkpoint", "tile_size": "tile_size", "overlap": "overlap",
     "chunk_size": "chunk_size", "stitch": "stitch", "window": "window", "batch_size": "batch_size",
     "num_actors": "num_actors", "device": "device", "tta": "tta", "compile": "compile",
-    "ignore_index": "ignore_index", "out": "out", "address": "address",
+    "ignore_index": "ignore_index", "out": "out", "address": "address", "save_probabilities": "save_probabilities",
+    "boundary_width": "boundary_width", "boundary_ratio": "boundary_ratio", "trimap_max_width": "trimap_max_width",
 }
 
 
