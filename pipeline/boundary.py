@@ -23,7 +23,7 @@ __all__ = ["OUTSIDE", "NOT_A_CLASS", "boundary_width_for", "inner_band", "trimap
 
 OUTSIDE = -2  # value of the halo beyond the scene edge
 NOT_A_CLASS = -1  # a truth pixel that is no class (nodata, ignore_index, a value outside the class list)
-_LOW, _HIGH = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+_LOW, _HIGH = np.iinfo(np.int16).min, np.iinfo(np.int16).max
 
 
 def boundary_width_for(height: int, width: int, *, pixels: int = 3, ratio: float | None = None) -> int:
@@ -33,15 +33,20 @@ def boundary_width_for(height: int, width: int, *, pixels: int = 3, ratio: float
     return max(1, int(round(ratio * float(np.hypot(height, width)))))
 
 
-def _dilate(values: np.ndarray, times: int, op) -> np.ndarray:
-    for _ in range(times):
-        values = op(values, size=3, mode="nearest")
-    return values
+def _grow(a: np.ndarray, op) -> np.ndarray:
+    """One 3x3 max (op=np.maximum) or min (np.minimum) filter; beyond the array edge adds nothing."""
+    rows = a.copy()
+    op(rows[1:], a[:-1], out=rows[1:])
+    op(rows[:-1], a[1:], out=rows[:-1])
+    out = rows.copy()
+    op(out[:, 1:], rows[:, :-1], out=out[:, 1:])
+    op(out[:, :-1], rows[:, 1:], out=out[:, :-1])
+    return out
 
 
 def inner_band(padded: np.ndarray, width: int, depth: int) -> np.ndarray:
     """Pixels of the block's centre within ``width`` of another value or of the scene edge."""
-    a = padded.astype(np.int32, copy=False)
+    a = padded.astype(np.int16, copy=False)
     high = ndimage.maximum_filter(a, size=2 * width + 1, mode="nearest")
     low = ndimage.minimum_filter(a, size=2 * width + 1, mode="nearest")
     band = high != low
@@ -50,15 +55,18 @@ def inner_band(padded: np.ndarray, width: int, depth: int) -> np.ndarray:
 
 def trimap_distance(padded: np.ndarray, max_width: int, depth: int) -> np.ndarray:
     """Per centre pixel: the smallest w in 1..max_width whose trimap band holds it, else 0."""
-    a = padded.astype(np.int32, copy=False)
+    a = padded.astype(np.int16, copy=False)  # class indices, -1 and OUTSIDE
     outside = a == OUTSIDE
     high = np.where(outside, _LOW, a)
     low = np.where(outside, _HIGH, a)
-    dist = np.zeros(a.shape, dtype=np.uint16)
-    for w in range(1, max_width + 1):
-        high = ndimage.maximum_filter(high, size=3, mode="nearest")
-        low = ndimage.minimum_filter(low, size=3, mode="nearest")
-        dist[(dist == 0) & (high != low) & ~outside] = w
+    # Bands grow with w, so a pixel lies in the bands of widths dist..N: count them.
+    held = np.zeros(a.shape, dtype=np.uint16)
+    for _ in range(max_width):
+        high = _grow(high, np.maximum)
+        low = _grow(low, np.minimum)
+        held += high != low
+    held[outside] = 0
+    dist = np.where(held > 0, max_width + 1 - held, 0).astype(np.uint16)
     return dist[depth : a.shape[0] - depth, depth : a.shape[1] - depth]
 
 

@@ -223,14 +223,15 @@ def probability_histograms(truth: np.ndarray, pred: np.ndarray, probabilities: n
 
     Pixels count where truth and prediction are classes, as in the confusion matrix.
     """
-    c = num_classes
     valid = _valid(truth, pred)
-    t = truth[valid].astype(np.int64)
-    q = probabilities[:, valid].astype(np.int64)  # (C, n)
-    cls = np.arange(c, dtype=np.int64)[:, None]
-    negative = (t[None, :] != cls).astype(np.int64)
-    idx = (negative * c + cls) * PROBABILITY_LEVELS + q
-    return np.bincount(idx.ravel(), minlength=2 * c * PROBABILITY_LEVELS).reshape(2, c, PROBABILITY_LEVELS).astype(np.int64)
+    t = truth[valid]
+    hist = np.zeros((2, num_classes, PROBABILITY_LEVELS), dtype=np.int64)
+    for c in range(num_classes):
+        q = probabilities[c][valid]
+        every = np.bincount(q, minlength=PROBABILITY_LEVELS)
+        hist[0, c] = np.bincount(q[t == c], minlength=PROBABILITY_LEVELS)
+        hist[1, c] = every - hist[0, c]
+    return hist
 
 
 def boundary_iou(counts: np.ndarray) -> np.ndarray:
