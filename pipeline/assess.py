@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,7 +105,9 @@ def _zarr_georeference(path: Path, name: str | None) -> tuple[str | None, tuple 
     import xarray as xr
 
     try:
-        arr = xr.open_zarr(path, decode_coords="all")[name]
+        with warnings.catch_warnings():  # a foreign store may lack consolidated metadata: fine here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            arr = xr.open_zarr(path, decode_coords="all")[name]
         crs = arr.rio.crs
         return (crs.to_wkt() if crs else None), (tuple(arr.rio.transform())[:6] if crs else None)
     except Exception:  # noqa: BLE001  (a store xarray cannot read simply has no georeference)
