@@ -13,6 +13,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import numpy as np
+import zarr
 
 from pipeline.boundary import OUTSIDE, band_codes, decode_codes
 from pipeline.geometry import Window
@@ -45,14 +46,33 @@ class ChunkCounts:
     boundary_width: int | None = None
 
 
+def _read_zarr_block(store: str, component: str, block_info=None) -> np.ndarray:
+    loc = block_info[None]["array-location"]
+    arr = zarr.open_array(store, path=component, mode="r")
+    return arr[tuple(slice(a, b) for a, b in loc)]
+
+
+def _zarr_array(store: str | Path, component: str) -> da.Array:
+    """A stored Zarr array as a Dask array with its own chunks; each block opens the store by path.
+
+    (Blocks are read by path, not from a pickled zarr array, which does not
+    survive Ray's serialisation when Dask runs on Ray.)
+    """
+    arr = zarr.open_array(str(store), path=component, mode="r")
+    chunks = da.core.normalize_chunks(arr.chunks, arr.shape)
+    return da.map_blocks(
+        _read_zarr_block, str(store), component, dtype=arr.dtype, chunks=chunks, meta=np.empty((0,) * arr.ndim, arr.dtype)
+    )
+
+
 def open_mask(store: str | Path) -> da.Array:
     """The stored class mask as a Dask array with the store's chunks."""
-    return da.from_zarr(str(store), component="mask")
+    return _zarr_array(store, "mask")
 
 
 def open_probabilities(store: str | Path) -> da.Array:
     """The stored class probabilities (C, H, W) uint8 as a Dask array with the store's chunks."""
-    return da.from_zarr(str(store), component="probabilities")
+    return _zarr_array(store, "probabilities")
 
 
 def _read_labels_block(path: str, band: int, block_info=None) -> np.ndarray:

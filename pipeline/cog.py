@@ -1,0 +1,138 @@
+"""Export a Zarr mask store as a Cloud-Optimised GeoTIFF, for GIS tools that cannot read Zarr v3.
+
+The mask is copied chunk by chunk into a tiled GeoTIFF beside the output
+(never whole in memory), then GDAL's COG driver writes the final file:
+512-pixel tiles, deflate, overviews with MODE resampling (nodata 255
+ignored), a colour table with one colour per class (the report's colours)
+and the class names in the tags. Both files are temporary until a final
+rename, so an interrupted export leaves no half-written OUT.tif.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.metrics import MASK_NODATA
+from pipeline.palette import NODATA_COLOUR, class_colours
+from schemas.errors import InputFileError, OutputConflictError, SpecError
+
+__all__ = ["COG_BLOCK", "CogResult", "MaskStore", "open_mask_store", "export_cog"]
+
+COG_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class CogResult:
+    path: Path
+    shape: tuple[int, int]
+    class_names: list[str]
+    overviews: list[int]  # decimation factors GDAL wrote
+
+
+@dataclass(frozen=True)
+class MaskStore:
+    """A complete satseg mask store: its array and what the COG needs from its attributes."""
+
+    path: Path
+    array: object  # zarr.Array of the mask
+    class_names: list[str]
+    crs: object  # rasterio CRS or None
+    transform: tuple[float, float, float, float, float, float]
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and (path / "zarr.json").exists()
+
+
+def open_mask_store(store: str | Path) -> MaskStore:
+    """Open a satseg mask store, refusing anything else and masks whose job did not finish."""
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray as xr
+    import zarr
+
+    store = Path(store)
+    if not store.exists():
+        raise InputFileError(f"{store}: mask store not found; give OUT/masks/<scene>.zarr of a finished job")
+    if not _is_zarr(store) or not (store / "mask" / "zarr.json").exists():
+        raise InputFileError(f"{store}: not a satseg mask store (no Zarr `mask` array); give OUT/masks/<scene>.zarr")
+    arr = zarr.open_array(str(store), path="mask", mode="r")
+    if arr.ndim != 2 or arr.dtype != np.uint8:
+        raise InputFileError(f"{store}: `mask` is {arr.ndim}-D {arr.dtype}, not a 2-D uint8 class mask; give a satseg mask store")
+    if arr.attrs.get("satseg_complete") is not True:
+        raise InputFileError(f"{store}: mask is not complete (its job was interrupted); rerun the job to finish it, then export")
+    names = arr.attrs.get("class_names") or []
+    if isinstance(names, str):
+        names = json.loads(names)
+    with xr.open_zarr(store, decode_coords="all") as ds:
+        crs = ds["mask"].rio.crs
+        transform = tuple(ds["mask"].rio.transform())[:6]
+    return MaskStore(store, arr, list(names), crs, transform)
+
+
+def _colormap(num_classes: int) -> dict[int, tuple[int, int, int, int]]:
+    colours = class_colours(num_classes)
+    cmap = {i: (int(r), int(g), int(b), 255) for i, (r, g, b) in enumerate(colours)}
+    cmap[MASK_NODATA] = NODATA_COLOUR
+    return cmap
+
+
+def _write_source(mask: MaskStore, path: Path) -> None:
+    """A tiled GeoTIFF of the mask, written one Zarr chunk at a time."""
+    import rasterio
+    from rasterio.windows import Window
+
+    h, w = mask.array.shape
+    ch, cw = mask.array.chunks
+    profile = dict(
+        driver="GTiff", height=h, width=w, count=1, dtype="uint8", nodata=MASK_NODATA, crs=mask.crs,
+        transform=rasterio.Affine(*mask.transform), tiled=True, blockxsize=COG_BLOCK, blockysize=COG_BLOCK,
+        compress="deflate", bigtiff="if_safer",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        for r0 in range(0, h, ch):
+            for c0 in range(0, w, cw):
+                r1, c1 = min(r0 + ch, h), min(c0 + cw, w)
+                dst.write(mask.array[r0:r1, c0:c1], 1, window=Window(c0, r0, c1 - c0, r1 - r0))
+        dst.write_colormap(1, _colormap(len(mask.class_names)))
+        dst.set_band_description(1, "class")
+        dst.update_tags(
+            satseg_class_names=json.dumps(mask.class_names),
+            satseg_nodata=str(MASK_NODATA),
+            satseg_source=str(mask.path),
+        )
+        dst.update_tags(1, **{f"class_{i}": name for i, name in enumerate(mask.class_names)})
+
+
+def export_cog(store: str | Path, out: str | Path, *, overwrite: bool = False) -> CogResult:
+    """Write ``store``'s mask to ``out`` as a COG; refuse an existing ``out`` unless ``overwrite``."""
+    import rasterio
+    import rasterio.shutil
+
+    out = Path(out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise SpecError(f"--cog {out}: a COG is a GeoTIFF; give a path ending in .tif")
+    mask = open_mask_store(store)
+    if out.exists() and not overwrite:
+        raise OutputConflictError(f"{out}: already exists; pass --overwrite or choose another path")
+    if not out.parent.is_dir():
+        raise SpecError(f"--cog {out}: folder {out.parent} does not exist; create it or choose another path")
+    stem = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    source, cog = stem.with_suffix(".src.tif"), stem.with_suffix(".cog.tif")
+    try:
+        _write_source(mask, source)
+        rasterio.shutil.copy(
+            source, cog, driver="COG", BLOCKSIZE=COG_BLOCK, COMPRESS="DEFLATE", RESAMPLING="MODE",
+            OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER",
+        )
+        os.replace(cog, out)
+    finally:
+        for tmp in (source, cog, source.with_name(source.name + ".aux.xml")):
+            tmp.unlink(missing_ok=True)
+    with rasterio.open(out) as src:
+        factors = src.overviews(1)
+    return CogResult(out, tuple(mask.array.shape), mask.class_names, factors)
