@@ -58,6 +58,7 @@ def run_demo(root: str | Path = "demo-output", *, show_progress: bool = True, ad
             "overlap": 32,
             "out": str(root),
             "address": address,
+            "save_probabilities": True,
         },
         "demo",
     )
