@@ -52,7 +52,11 @@ def parse_classes(text: str) -> ClassTable:
         pairs = [(int(v), n.strip()) for v, n in (t.split("=", 1) for t in items)]
     except ValueError:
         raise SpecError(f"--classes {text!r}: give value=name pairs with integer values, e.g. 10=tree,20=shrub") from None
-    return ClassTable([n for _, n in pairs], [v for v, _ in pairs])
+    values = [v for v, _ in pairs]
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise SpecError(f"--classes {text!r}: label value {dup[0]} is given twice; give each value one class")
+    return ClassTable([n for _, n in pairs], values)
 
 
 @dataclass
@@ -206,6 +210,8 @@ def assess_mask(
         raise MismatchError(
             f"{pred}: mask classes {pred_raster.class_names} differ from the given {table.names}; drop --classes or fix it"
         )
+    if table.values is not None and ignore_index in table.values:
+        raise SpecError(f"label value {ignore_index} is both a class and the ignore index; change --ignore-index or the classes")
     c = len(table.names)
     mask = _prediction_indices(pred_raster, table)
     lab = label_raster.values.rechunk(mask.chunks)

@@ -8,6 +8,10 @@ the scene edge counts as outside. For a class map that is, per pixel: the
 The trimap band of width w is the set of pixels within distance w of a true
 class boundary (a change of label; the scene edge is not a boundary).
 
+Pixels that are scored nowhere (truth or prediction is no class: nodata,
+``ignore_index``, a value outside the class list) are neutral in both maps:
+they neither make nor break a boundary, so unknown truth never moves a band.
+
 Functions here work on a block padded by a halo of ``depth`` pixels on every
 side, where pixels beyond the scene edge hold ``OUTSIDE``, and answer for the
 block's centre. Given the halo from the neighbouring chunks (Dask's
@@ -19,18 +23,29 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["OUTSIDE", "NOT_A_CLASS", "boundary_width_for", "inner_band", "trimap_distance", "band_codes", "decode_codes"]
+from schemas.errors import SpecError
+
+__all__ = ["OUTSIDE", "NOT_A_CLASS", "MAX_BAND_WIDTH", "boundary_width_for", "inner_band", "trimap_distance", "band_codes", "decode_codes"]
 
 OUTSIDE = -2  # value of the halo beyond the scene edge
 NOT_A_CLASS = -1  # a truth pixel that is no class (nodata, ignore_index, a value outside the class list)
 _LOW, _HIGH = np.iinfo(np.int16).min, np.iinfo(np.int16).max
 
 
+MAX_BAND_WIDTH = 256  # the halo every chunk reads; wider bands are meant for tile-sized images, not scenes
+
+
 def boundary_width_for(height: int, width: int, *, pixels: int = 3, ratio: float | None = None) -> int:
     """Band width in pixels: ``pixels``, or the paper's ``ratio`` of the image diagonal (at least 1)."""
     if ratio is None:
         return pixels
-    return max(1, int(round(ratio * float(np.hypot(height, width)))))
+    d = max(1, int(round(ratio * float(np.hypot(height, width)))))
+    if d > MAX_BAND_WIDTH:
+        raise SpecError(
+            f"boundary ratio {ratio} gives a {d} px band on this {height}x{width} scene (at most {MAX_BAND_WIDTH}); "
+            "the ratio is meant for tile-sized images: give a width in pixels (--boundary-width)"
+        )
+    return d
 
 
 def _grow(a: np.ndarray, op) -> np.ndarray:
@@ -44,28 +59,29 @@ def _grow(a: np.ndarray, op) -> np.ndarray:
     return out
 
 
-def inner_band(padded: np.ndarray, width: int, depth: int) -> np.ndarray:
-    """Pixels of the block's centre within ``width`` of another value or of the scene edge."""
+def inner_band(padded: np.ndarray, neutral: np.ndarray, width: int, depth: int) -> np.ndarray:
+    """Pixels of the block's centre within ``width`` of another (non-neutral) value or of the scene edge."""
     a = padded.astype(np.int16, copy=False)
-    high = ndimage.maximum_filter(a, size=2 * width + 1, mode="nearest")
-    low = ndimage.minimum_filter(a, size=2 * width + 1, mode="nearest")
-    band = high != low
+    size = 2 * width + 1
+    high = ndimage.maximum_filter(np.where(neutral, _LOW, a), size=size, mode="nearest")
+    low = ndimage.minimum_filter(np.where(neutral, _HIGH, a), size=size, mode="nearest")
+    band = (high != low) & (high >= low)  # a window of neutral pixels only is no band
     return band[depth : band.shape[0] - depth, depth : band.shape[1] - depth]
 
 
-def trimap_distance(padded: np.ndarray, max_width: int, depth: int) -> np.ndarray:
+def trimap_distance(padded: np.ndarray, neutral: np.ndarray, max_width: int, depth: int) -> np.ndarray:
     """Per centre pixel: the smallest w in 1..max_width whose trimap band holds it, else 0."""
-    a = padded.astype(np.int16, copy=False)  # class indices, -1 and OUTSIDE
-    outside = a == OUTSIDE
-    high = np.where(outside, _LOW, a)
-    low = np.where(outside, _HIGH, a)
+    a = padded.astype(np.int16, copy=False)
+    skip = neutral | (a == OUTSIDE)  # the scene edge is no boundary here
+    high = np.where(skip, _LOW, a)
+    low = np.where(skip, _HIGH, a)
     # Bands grow with w, so a pixel lies in the bands of widths dist..N: count them.
     held = np.zeros(a.shape, dtype=np.uint16)
     for _ in range(max_width):
         high = _grow(high, np.maximum)
         low = _grow(low, np.minimum)
-        held += high != low
-    held[outside] = 0
+        held += (high != low) & (high >= low)
+    held[skip] = 0
     dist = np.where(held > 0, max_width + 1 - held, 0).astype(np.uint16)
     return dist[depth : a.shape[0] - depth, depth : a.shape[1] - depth]
 
@@ -73,14 +89,18 @@ def trimap_distance(padded: np.ndarray, max_width: int, depth: int) -> np.ndarra
 def band_codes(truth: np.ndarray, pred: np.ndarray, *, width: int, trimap_max: int, depth: int) -> np.ndarray:
     """Per centre pixel, packed in uint16: truth band (bit 0), prediction band (bit 1), trimap distance (<< 2).
 
-    ``truth`` and ``pred`` are padded blocks (int, ``OUTSIDE`` beyond the scene).
+    ``truth`` and ``pred`` are padded blocks of class indices (-1: no class;
+    ``OUTSIDE`` beyond the scene). A pixel where either is no class is neutral in both.
     """
     if width > depth or trimap_max > depth:
         raise ValueError(f"halo depth {depth} is smaller than the band width {max(width, trimap_max)}")
-    codes = inner_band(truth, width, depth).astype(np.uint16)
-    codes |= inner_band(pred, width, depth).astype(np.uint16) << 1
+    if trimap_max >= 1 << 14:
+        raise ValueError(f"trimap width {trimap_max} does not fit the 14 bits of the code")
+    neutral = (truth == NOT_A_CLASS) | (pred == NOT_A_CLASS)
+    codes = inner_band(truth, neutral, width, depth).astype(np.uint16)
+    codes |= inner_band(pred, neutral, width, depth).astype(np.uint16) << 1
     if trimap_max:
-        codes |= trimap_distance(truth, trimap_max, depth) << 2
+        codes |= trimap_distance(truth, neutral, trimap_max, depth) << 2
     return codes
 
 

@@ -141,10 +141,13 @@ def chunk_counts(
     truth = labels.map_blocks(class_indices, c, ignore_index=ignore_index, label_values=label_values, dtype=np.int16)
     pred = mask.map_blocks(prediction_indices, c, dtype=np.int16)
     depth = max(boundary_width, trimap_max, 1)
+    # Padding by the halo first keeps map_overlap working on scenes narrower than the halo;
+    # the padding is outside the scene, as is the boundary map_overlap adds.
+    padded = [da.pad(a, depth, mode="constant", constant_values=OUTSIDE) for a in (truth, pred)]
     codes = da.map_overlap(
-        _codes_block, truth, pred, depth=depth, boundary=OUTSIDE, dtype=np.uint16,
+        _codes_block, *padded, depth=depth, boundary=OUTSIDE, dtype=np.uint16,
         width=boundary_width, trimap_max=trimap_max, halo=depth,
-    )
+    )[depth:-depth, depth:-depth]
     if codes.chunks != mask.chunks:  # chunks thinner than the halo were merged for the overlap
         codes = codes.rechunk(mask.chunks)
     small = c * c + c + 3 * c

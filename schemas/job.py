@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import SpecError
 
-__all__ = ["SceneSpec", "JobSpec", "load_job", "job_from_dict", "default_chunk_size"]
+__all__ = ["SceneSpec", "JobSpec", "EvaluationSpec", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -48,6 +48,45 @@ def default_chunk_size(tile_size: int, overlap: int) -> int:
     """About 2048 px, a whole number of strides so `crop` computes each tile once."""
     stride = tile_size - overlap
     return stride * max(1, round(2048 / stride))
+
+
+def _class_names(classes) -> list[str] | None:
+    if isinstance(classes, dict):
+        return list(classes.values())
+    return list(classes) if classes is not None else None
+
+
+def _check_class_mapping(classes, ignore_index: int | None) -> None:
+    if isinstance(classes, dict):
+        if len(set(classes.values())) != len(classes):
+            raise ValueError("class names in the `classes` mapping must be unique")
+        if ignore_index is not None and ignore_index in classes:
+            raise ValueError(f"label value {ignore_index} is both a class and ignore_index; change one of them")
+
+
+class EvaluationSpec(BaseModel):
+    """What `satseg evaluate --job` takes from a job file: classes and how to score; other keys are not needed."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    classes: list[str] | dict[int, str] | None = None
+    ignore_index: int = 255
+    boundary_width: int = Field(default=3, ge=1, le=256)
+    boundary_ratio: float | None = Field(default=None, gt=0, lt=1)
+    trimap_max_width: int = Field(default=10, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _mapping(self) -> "EvaluationSpec":
+        _check_class_mapping(self.classes, self.ignore_index)
+        return self
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return _class_names(self.classes)
+
+    @property
+    def label_values(self) -> list[int] | None:
+        return list(self.classes) if isinstance(self.classes, dict) else None
 
 
 class JobSpec(BaseModel):
@@ -103,8 +142,7 @@ class JobSpec(BaseModel):
             raise ValueError(f"chunk_size must be at least 32 (got {self.chunk_size})")
         if self.model is None and self.checkpoint is None:
             raise ValueError("give a model name or a checkpoint")
-        if isinstance(self.classes, dict) and len(set(self.classes.values())) != len(self.classes):
-            raise ValueError("class names in the `classes` mapping must be unique")
+        _check_class_mapping(self.classes, self.ignore_index)
         if self.classes is not None and len(self.classes) > 255:
             raise ValueError(f"at most 255 classes fit a uint8 mask with nodata 255 (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
@@ -118,9 +156,7 @@ class JobSpec(BaseModel):
     @property
     def class_names(self) -> list[str] | None:
         """Class names in class-index order."""
-        if isinstance(self.classes, dict):
-            return list(self.classes.values())
-        return list(self.classes) if self.classes is not None else None
+        return _class_names(self.classes)
 
     @property
     def label_values(self) -> list[int] | None:
@@ -156,9 +192,7 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else base / p)
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Read and validate a job YAML; relative paths are relative to the file."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except OSError as err:
@@ -171,6 +205,22 @@ def load_job(path: str | Path) -> JobSpec:
         raise SpecError(f"{path}: not valid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a job file is a YAML mapping with `scenes:` and `model:` or `checkpoint:`")
+    return data
+
+
+def load_evaluation_spec(path: str | Path) -> EvaluationSpec:
+    """The classes and scoring settings of a job file (the rest of the job is not needed, nor checked)."""
+    path = Path(path)
+    try:
+        return EvaluationSpec.model_validate(_read_yaml(path))
+    except ValidationError as err:
+        raise SpecError(f"{path}: {_describe(err)}; fix the job file") from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a job YAML; relative paths are relative to the file."""
+    path = Path(path)
+    data = _read_yaml(path)
     base = path.parent
     if isinstance(data.get("scenes"), list):
         for scene in data["scenes"]:

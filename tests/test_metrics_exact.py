@@ -68,32 +68,37 @@ def paper_boundary(mask: np.ndarray, dilation: int) -> np.ndarray:
 
 
 def ref_boundary_iou(truth_idx, pred_idx, d):
+    """Pixels scored nowhere (no class in truth or prediction) are neutral: they count as inside every mask."""
     valid = (truth_idx >= 0) & (pred_idx >= 0)
     out = []
     for c in range(C):
-        gb = paper_boundary(truth_idx == c, d) & valid
-        pb = paper_boundary(pred_idx == c, d) & valid
+        gb = paper_boundary((truth_idx == c) | ~valid, d) & (truth_idx == c) & valid
+        pb = paper_boundary((pred_idx == c) | ~valid, d) & (pred_idx == c) & valid
         union = (gb | pb).sum()
         out.append((gb & pb).sum() / union if union else np.nan)
     return np.array(out)
 
 
-def ref_trimap_distance(truth_idx, n):
-    """Smallest w <= n such that a pixel within Chebyshev distance w (inside the scene) has another truth value."""
+def ref_trimap_distance(truth_idx, pred_idx, n):
+    """Smallest w <= n such that a scored pixel within Chebyshev distance w (inside the scene) has another truth value."""
     h, w = truth_idx.shape
+    scored = (truth_idx >= 0) & (pred_idx >= 0)
     dist = np.zeros((h, w), dtype=int)
     for y in range(h):
         for x in range(w):
+            if not scored[y, x]:
+                continue
             for r in range(1, n + 1):
                 win = truth_idx[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1]
-                if (win != truth_idx[y, x]).any():
+                ok = scored[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1]
+                if (win[ok] != truth_idx[y, x]).any():
                     dist[y, x] = r
                     break
     return dist
 
 
 def ref_trimap_iou(truth_idx, pred_idx, n):
-    dist = ref_trimap_distance(truth_idx, n)
+    dist = ref_trimap_distance(truth_idx, pred_idx, n)
     rows = []
     for r in range(1, n + 1):
         band = (dist > 0) & (dist <= r)
@@ -247,12 +252,48 @@ def test_chunk_edges_are_not_boundaries():
     assert counts.trimap.sum() == 0  # no true boundary anywhere: the scene edge is not one
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 40), (9, 9), (40, 8)])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_scenes_and_chunks_smaller_than_the_halo(shape, chunk):
+    rng = np.random.default_rng(sum(shape) + chunk)
+    truth = rng.integers(0, 3, shape)
+    pred = truth.copy().astype(np.uint8)
+    pred[rng.random(shape) < 0.3] = 1
+    t, p = truth_indices(truth), pred_indices(pred)
+    counts = counts_for(truth, pred, chunk, width=3, trimap=10)  # halo 10 > scene and chunk
+    s = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap)
+    assert np.array_equal(counts.total_confusion, ref_confusion(t, p))
+    np.testing.assert_allclose(s.boundary_iou, ref_boundary_iou(t, p, 3), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(s.trimap_iou, ref_trimap_iou(t, p, 10), rtol=0, atol=1e-15)
+
+
+def test_unscored_pixels_neither_make_nor_break_boundaries():
+    """A perfect prediction scores 1 everywhere, whatever ignore pixels, label nodata and image nodata holes it has."""
+    truth = np.zeros((40, 40), dtype=int)
+    truth[:, 20:] = 1
+    pred = truth.astype(np.uint8)
+    truth[5, 5] = IGNORE
+    truth[30, 25] = IGNORE
+    truth[10:13, 28:31] = -1
+    pred[25:28, 8:11] = 255
+    counts = counts_for(truth, pred, 16, width=3, trimap=5)
+    s = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap)
+    assert list(s.boundary_iou[:2]) == [1.0, 1.0] and np.isnan(s.boundary_iou[2:]).all()
+    assert np.all(s.trimap_iou[:, :2] == 1.0)
+    clean = counts_for(np.where(truth < 0, 0, np.where(truth == IGNORE, 0, truth)), pred, 16, width=3, trimap=5)
+    assert counts.trimap[-1].sum() <= clean.trimap[-1].sum()  # no band grows around unscored pixels
+
+
 def test_boundary_ratio_follows_the_paper():
     from pipeline.boundary import boundary_width_for
 
     assert boundary_width_for(512, 512, ratio=0.02) == round(0.02 * np.hypot(512, 512))
     assert boundary_width_for(10, 10, ratio=0.02) == 1  # at least one pixel
     assert boundary_width_for(4000, 4000) == 3
+    from schemas.errors import SpecError
+
+    with pytest.raises(SpecError, match="--boundary-width"):
+        boundary_width_for(50000, 50000, ratio=0.02)  # a 1414 px halo: meant for tiles, not scenes
 
 
 def test_ap_from_histograms_is_within_a_bin_of_ap_from_raw_scores():

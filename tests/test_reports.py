@@ -155,9 +155,7 @@ def test_evaluate_maps_label_values_to_classes_for_foreign_masks(tmp_path, odd_s
     np.testing.assert_array_equal(mapped.scores.boundary_iou, direct.scores.boundary_iou)
     # from a job file's mapping, through the CLI
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(
-        "scenes: [{image: x.tif}]\nmodel: hrnet_w18_small_v1\nclasses: {10: water, 20: forest, 30: cropland, 40: urban, 50: bare_soil}\n"
-    )
+    job_file.write_text("classes: {10: water, 20: forest, 30: cropland, 40: urban, 50: bare_soil}\n")  # only what evaluate needs
     code = main(["evaluate", str(pred_tif), str(labels_tif), "--job", str(job_file), "--out", str(tmp_path / "ev")])
     out = capsys.readouterr().out
     assert code == 0 and "water" in out and "mean boundary IoU" in out
@@ -190,7 +188,23 @@ def test_evaluate_bad_inputs_are_one_line(tmp_path, odd_scene, capsys):
         (["evaluate", str(tmp_path / "two.zarr/a"), str(odd_scene.labels), "--classes", "a,b"], "differs"),
         (["evaluate", str(odd_scene.labels), str(odd_scene.labels), "--classes", "10=a,x=b"], "value=name"),
         (["evaluate", str(odd_scene.labels), str(odd_scene.labels), "--classes", "a,b", "--boundary-ratio", "3"], "ratio"),
+        (["evaluate", str(odd_scene.labels), str(odd_scene.labels), "--classes", "10=a,10=b"], "twice"),
+        (["evaluate", str(odd_scene.labels), str(odd_scene.labels), "--classes", "0=a,255=b"], "ignore index"),
+        (["evaluate", str(odd_scene.labels), str(odd_scene.labels), "--classes", "a,b", "--trimap-max-width", "20000"], "256"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
+
+
+def test_job_class_mapping_is_checked():
+    from schemas.errors import SpecError
+    from schemas.job import job_from_dict
+
+    base = {"scenes": [{"image": "x.tif"}], "model": "hrnet_w18_small_v1"}
+    with pytest.raises(SpecError, match="ignore_index"):
+        job_from_dict({**base, "classes": {0: "a", 255: "b"}})
+    with pytest.raises(SpecError, match="unique"):
+        job_from_dict({**base, "classes": {0: "a", 1: "a"}})
+    spec = job_from_dict({**base, "classes": {10: "tree", 20: "shrub"}})
+    assert spec.class_names == ["tree", "shrub"] and spec.label_values == [10, 20]

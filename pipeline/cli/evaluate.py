@@ -40,9 +40,9 @@ def main(args: argparse.Namespace) -> int:
     settings = {"ignore_index": 255, "boundary_width": 3, "boundary_ratio": None, "trimap_max_width": 10}
     table = None
     if args.job:
-        from schemas.job import load_job
+        from schemas.job import load_evaluation_spec
 
-        spec = load_job(args.job)
+        spec = load_evaluation_spec(args.job)
         table = ClassTable(spec.class_names, spec.label_values) if spec.class_names else None
         settings.update({k: getattr(spec, k) for k in settings})
     if args.classes:
@@ -50,8 +50,8 @@ def main(args: argparse.Namespace) -> int:
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if settings["boundary_width"] < 1 or settings["trimap_max_width"] < 1:
-        raise SpecError("--boundary-width and --trimap-max-width must be at least 1")
+    if not (1 <= settings["boundary_width"] <= 256 and 1 <= settings["trimap_max_width"] <= 256):
+        raise SpecError("--boundary-width and --trimap-max-width take 1 to 256 pixels")
     if settings["boundary_ratio"] is not None and not 0 < settings["boundary_ratio"] < 1:
         raise SpecError(f"--boundary-ratio {settings['boundary_ratio']}: give a ratio between 0 and 1, e.g. 0.02")
     result = assess_mask(args.pred, args.labels, classes=table, out=args.out, chunk=args.chunk_size, **settings)
