@@ -30,7 +30,7 @@ from schemas.errors import InputFileError, MismatchError, SpecError
 from schemas.store import OutputLayout
 from workers.reader import SceneInfo, open_scene
 
-__all__ = ["Assessment", "ClassTable", "parse_classes", "assess_mask"]
+__all__ = ["Assessment", "ClassTable", "parse_classes", "assess_mask", "zarr_mask_array"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,11 @@ class _Raster:
 
 def _is_zarr(path: Path) -> bool:
     return path.is_dir() and (path / "zarr.json").exists()
+
+
+def zarr_mask_array(path: str | Path) -> zarr.Array:
+    """The 2-D mask array of a Zarr path: the array itself, a store's ``mask``, or a store's only 2-D array."""
+    return _zarr_array(Path(path), "prediction")[0]
 
 
 def _zarr_array(path: Path, role: str) -> tuple[zarr.Array, str | None]:

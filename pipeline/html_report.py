@@ -236,17 +236,21 @@ def _mask_samples(store: Path, rows: np.ndarray, cols: np.ndarray, out: tuple[in
     """Full-resolution mask pixels at the view's samples, from a Zarr store or a GeoTIFF (``evaluate`` runs)."""
     if not store.is_dir():
         return read_mask_raster(store, out, window)
-    import zarr
+    from pipeline.assess import zarr_mask_array
 
-    return read_mask_samples(zarr.open_array(str(store), path="mask", mode="r"), rows, cols)
+    return read_mask_samples(zarr_mask_array(store), rows, cols)
 
 
 def _overlay_source(store: Path, display_side: int):
     """The array the overlay samples from: the coarsest overview level still at least the display size."""
     import zarr
 
-    from pipeline.overviews import level_for_size, read_overview_levels
+    from pipeline.assess import zarr_mask_array
+    from pipeline.overviews import OverviewLevel, level_for_size, read_overview_levels
 
+    if not (store / "mask" / "zarr.json").exists():  # a foreign Zarr mask (`satseg evaluate`): no overviews
+        arr = zarr_mask_array(store)
+        return arr, OverviewLevel(0, "", tuple(arr.shape), 1, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
     level = level_for_size(read_overview_levels(store), display_side)
     return zarr.open_array(str(store), path=level.path, mode="r"), level
 

@@ -173,10 +173,13 @@ def test_evaluate_any_zarr_array_pair(tmp_path, odd_scene):
     zarr.create_array(str(tmp_path / "labels.zarr"), data=labels, chunks=(64, 64))  # a bare array, no group
     group = zarr.open_group(str(tmp_path / "pred.zarr"), mode="w")
     group.create_array("classes", data=pred, chunks=(50, 50))
-    z = assess_mask(tmp_path / "pred.zarr", tmp_path / "labels.zarr", class_names=CLASSES)
+    z = assess_mask(tmp_path / "pred.zarr", tmp_path / "labels.zarr", class_names=CLASSES, out=tmp_path / "ev")
     tif = assess_mask(_write_tif(tmp_path / "p.tif", pred, odd_scene.labels), odd_scene.labels, class_names=CLASSES, chunk=80)
     assert np.array_equal(z.metrics.confusion, tif.metrics.confusion)
     np.testing.assert_array_equal(z.scores.boundary_iou, tif.scores.boundary_iou)
+    from pipeline.html_report import write_report
+
+    assert write_report(tmp_path / "ev").stat().st_size > 10_000  # a report of a foreign Zarr mask renders
 
 
 def test_evaluate_bad_inputs_are_one_line(tmp_path, odd_scene, capsys):
