@@ -119,13 +119,27 @@ def read_labels(
     ignore_index: int | None,
     window: Window | None = None,
 ) -> np.ndarray:
-    """Decimated labels as class indexes; -1 where a pixel counts nowhere (nodata, ignored, unknown value)."""
-    import rasterio
+    """Decimated labels as class indexes; -1 where a pixel counts nowhere (nodata, ignored, unknown value).
 
-    with rasterio.open(path) as src:
-        rw = _rio_window(window)
-        raw = src.read(1, window=rw, out_shape=out_shape).astype(np.int64)
-        valid = src.read_masks(1, window=rw, out_shape=out_shape) > 0
+    A GeoTIFF is read through GDAL's decimation; a Zarr label array (`satseg evaluate` runs) at the same
+    nearest samples as Zarr masks.
+    """
+    if Path(path).is_dir():
+        from pipeline.assess import zarr_mask_array
+
+        array = zarr_mask_array(path)
+        win = window or Window(0, 0, *array.shape)
+        rows = sample_positions(win.row_off, win.height, out_shape[0])
+        cols = sample_positions(win.col_off, win.width, out_shape[1])
+        raw = np.asarray(array.get_orthogonal_selection((rows, cols))).astype(np.int64)
+        valid = np.ones(out_shape, dtype=bool)
+    else:
+        import rasterio
+
+        with rasterio.open(path) as src:
+            rw = _rio_window(window)
+            raw = src.read(1, window=rw, out_shape=out_shape).astype(np.int64)
+            valid = src.read_masks(1, window=rw, out_shape=out_shape) > 0
     keep = valid & (raw >= 0) & (raw < lookup.size)
     if ignore_index is not None:
         keep &= raw != ignore_index
