@@ -57,24 +57,23 @@ def _write_inputs(folder: Path, size: int, chunk: int) -> tuple[Path, Path]:
     return store, labels
 
 
-def _one(size: int, chunk: int, variant: str) -> dict:
+def _one(folder: Path, size: int, chunk: int, variant: str) -> dict:
     import dask
 
     from pipeline.evaluate import chunk_counts, label_array, open_mask, open_probabilities
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store, labels = _write_inputs(Path(tmp), size, chunk)
-        mask = open_mask(store)
-        lab = label_array(str(labels), mask.shape, mask.chunks)
-        kwargs = {
-            "confusion": dict(boundary_width=1, trimap_max=1),
-            "boundary+trimap": dict(boundary_width=3, trimap_max=10),
-            "boundary+trimap+pr": dict(boundary_width=3, trimap_max=10, probabilities=open_probabilities(store)),
-        }[variant]
-        started = time.perf_counter()
-        with dask.config.set(scheduler="threads"):
-            chunk_counts(mask, lab, CLASSES, **kwargs)
-        seconds = time.perf_counter() - started
+    store, labels = folder / "mask.zarr", folder / "labels.tif"
+    mask = open_mask(store)
+    lab = label_array(str(labels), mask.shape, mask.chunks)
+    kwargs = {
+        "confusion": dict(boundary_width=1, trimap_max=1),
+        "boundary+trimap": dict(boundary_width=3, trimap_max=10),
+        "boundary+trimap+pr": dict(boundary_width=3, trimap_max=10, probabilities=open_probabilities(store)),
+    }[variant]
+    started = time.perf_counter()
+    with dask.config.set(scheduler="threads"):
+        chunk_counts(mask, lab, CLASSES, **kwargs)
+    seconds = time.perf_counter() - started
     mpx = size * size / 1e6
     return {
         "benchmark": "evaluate", "size": size, "chunk": chunk, "variant": variant, "seconds": round(seconds, 3),
@@ -89,18 +88,26 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # one measurement, in its own process so its peak memory is its own
-        print(json.dumps(_one(args.size, args.chunk, args.variant)))
+        if args.variant == "write":
+            _write_inputs(Path(args.folder), args.size, args.chunk)
+            return
+        print(json.dumps(_one(Path(args.folder), args.size, args.chunk, args.variant)))
         return
     out = Path(__file__).with_name("evaluate.jsonl")
     for size in args.sizes:
+        tmp = tempfile.TemporaryDirectory()
+        base = [sys.executable, __file__, "--size", str(size), "--chunk", str(args.chunk), "--folder", tmp.name]
+        subprocess.run([*base, "--variant", "write"], check=True)
         for variant in ("confusion", "boundary+trimap", "boundary+trimap+pr"):
-            cmd = [sys.executable, __file__, "--size", str(size), "--chunk", str(args.chunk), "--variant", variant]
+            cmd = [*base, "--variant", variant]
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             print(f"{size}x{size} {variant:20s} {row['seconds']:7.2f} s  {row['seconds_per_mpx']:.3f} s/Mpx  peak RSS {row['peak_rss_mib']} MiB")
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        tmp.cleanup()
 
 
 if __name__ == "__main__":
