@@ -60,15 +60,15 @@ def _write_inputs(folder: Path, size: int, chunk: int) -> tuple[Path, Path]:
 def _one(folder: Path, size: int, chunk: int, variant: str) -> dict:
     import dask
 
-    from pipeline.evaluate import chunk_counts, label_array, open_mask, open_probabilities
+    from pipeline.evaluate import chunk_counts, geotiff_raster, mask_raster, probabilities_raster
 
     store, labels = folder / "mask.zarr", folder / "labels.tif"
-    mask = open_mask(store)
-    lab = label_array(str(labels), mask.shape, mask.chunks)
+    mask = mask_raster(store)
+    lab = geotiff_raster(labels, mask.shape, chunk)
     kwargs = {
         "confusion": dict(boundary_width=1, trimap_max=1),
         "boundary+trimap": dict(boundary_width=3, trimap_max=10),
-        "boundary+trimap+pr": dict(boundary_width=3, trimap_max=10, probabilities=open_probabilities(store)),
+        "boundary+trimap+pr": dict(boundary_width=3, trimap_max=10, probabilities=probabilities_raster(store)),
     }[variant]
     started = time.perf_counter()
     with dask.config.set(scheduler="threads"):

@@ -16,14 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import zarr
 
 from pipeline import __version__
 from pipeline.boundary import boundary_width_for
-from pipeline.evaluate import chunk_counts, label_array, open_mask, open_probabilities
-from pipeline.metrics import MASK_NODATA, SceneScores, SegmentationMetrics, class_indices, scene_scores
+from pipeline.evaluate import Raster, chunk_counts, geotiff_raster, mask_raster, probabilities_raster, zarr_raster
+from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.plan import plan_scene
 from pipeline.report import classes_table, curves_table, scenes_table, tiles_table, write_table
 from schemas.errors import InputFileError, MismatchError, SpecError
@@ -74,10 +73,10 @@ class _Raster:
     """A 2-D raster to evaluate: lazily read values, georeference if any, and satseg's extras."""
 
     path: Path
-    values: da.Array  # int64, -1 where nodata
+    raster: Raster
     info: SceneInfo
     class_names: list[str] | None = None  # set for satseg masks: values are class indices
-    probabilities: da.Array | None = None
+    probabilities: Raster | None = None
     georeferenced: bool = True
 
 
@@ -123,7 +122,7 @@ def _zarr_georeference(path: Path, name: str | None) -> tuple[str | None, tuple 
         return None, None
 
 
-def _open_zarr(path: Path, role: str, chunk: int) -> _Raster:
+def _open_zarr(path: Path, role: str) -> _Raster:
     arr, name = _zarr_array(path, role)
     if arr.ndim != 2:
         raise InputFileError(f"{path}: {role} array has {arr.ndim} dimensions, not 2; give a single-band mask")
@@ -137,23 +136,19 @@ def _open_zarr(path: Path, role: str, chunk: int) -> _Raster:
     crs, transform = _zarr_georeference(path, name)
     info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform or (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), None)
     if satseg:
-        values = open_mask(path).astype(np.int64)
-        values = da.where(values == MASK_NODATA, -1, values)
-        probs = open_probabilities(path) if (path / "probabilities" / "zarr.json").exists() else None
-        return _Raster(path, values, info, names, probs, transform is not None)
-    values = da.from_zarr(arr).rechunk((chunk, chunk)).astype(np.int64)
+        probs = probabilities_raster(path) if (path / "probabilities" / "zarr.json").exists() else None
+        return _Raster(path, mask_raster(path), info, names, probs, transform is not None)
     nodata = attrs.get("nodata", attrs.get("_FillValue"))
-    if isinstance(nodata, (int, float)) and not (isinstance(nodata, float) and np.isnan(nodata)):
-        values = da.where(values == nodata, -1, values)
-    return _Raster(path, values, info, names if satseg else None, None, transform is not None)
+    if not isinstance(nodata, (int, float)) or (isinstance(nodata, float) and np.isnan(nodata)):
+        nodata = None
+    return _Raster(path, zarr_raster(path, name or "", nodata), info, None, None, transform is not None)
 
 
 def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
     if _is_zarr(path):
-        return _open_zarr(path, role, chunk)
+        return _open_zarr(path, role)
     info = open_scene(path, role=role)  # a missing or unreadable file: one line
-    chunks = da.core.normalize_chunks((chunk, chunk), (info.height, info.width))
-    return _Raster(path, label_array(str(path), (info.height, info.width), chunks), info)
+    return _Raster(path, geotiff_raster(path, (info.height, info.width), chunk), info)
 
 
 def _check_same_grid(pred: _Raster, labels: _Raster) -> None:
@@ -173,16 +168,6 @@ def _check_same_grid(pred: _Raster, labels: _Raster) -> None:
             raise MismatchError(
                 f"{labels.path}: label transform differs from mask {pred.path}; evaluate against labels on the mask's grid"
             )
-
-
-def _prediction_indices(pred: _Raster, table: ClassTable) -> da.Array:
-    """Class indices (uint8, 255 nodata): satseg masks hold indices, other predictions hold label values."""
-    c = len(table.names)
-    if pred.class_names is not None or table.values is None:
-        values = pred.values
-        return da.where((values < 0) | (values >= c), MASK_NODATA, values).astype(np.uint8)
-    idx = pred.values.map_blocks(class_indices, c, ignore_index=None, label_values=table.values, dtype=np.int16)
-    return da.where(idx < 0, MASK_NODATA, idx).astype(np.uint8)
 
 
 def assess_mask(
@@ -218,14 +203,15 @@ def assess_mask(
     if table.values is not None and ignore_index in table.values:
         raise SpecError(f"label value {ignore_index} is both a class and the ignore index; change --ignore-index or the classes")
     c = len(table.names)
-    mask = _prediction_indices(pred_raster, table)
-    lab = label_raster.values.rechunk(mask.chunks)
+    height, width_px = pred_raster.info.height, pred_raster.info.width
+    # satseg masks hold class indices; any other mask holds label values, mapped like the labels
+    pred_values = table.values if pred_raster.class_names is None else None
     probs = pred_raster.probabilities
-    width = boundary_width_for(mask.shape[0], mask.shape[1], pixels=boundary_width, ratio=boundary_ratio)
+    width = boundary_width_for(height, width_px, pixels=boundary_width, ratio=boundary_ratio)
     with dask.config.set(scheduler="threads"):
         counts = chunk_counts(
-            mask, lab, c, ignore_index=ignore_index, label_values=table.values, probabilities=probs,
-            boundary_width=width, trimap_max=trimap_max_width,
+            pred_raster.raster, label_raster.raster, c, ignore_index=ignore_index, label_values=table.values,
+            pred_values=pred_values, probabilities=probs, boundary_width=width, trimap_max=trimap_max_width,
         )
     scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
     key = f"{pred.resolve()}|{labels.resolve()}|{table}|{ignore_index}|{width}|{trimap_max_width}"
@@ -234,13 +220,13 @@ def assess_mask(
     reports = None
     if out is not None:
         layout = OutputLayout(Path(out))
-        chunk_px = max(mask.chunks[0] + mask.chunks[1])  # nominal chunk, also when the scene is shorter
-        plan = plan_scene(mask.shape[0], mask.shape[1], tile=32, overlap=0, chunk=chunk_px, mode="crop")
+        chunk_px = max(counts.chunks[0] + counts.chunks[1])  # nominal chunk, also when the scene is shorter
+        plan = plan_scene(height, width_px, tile=32, overlap=0, chunk=chunk_px, mode="crop")
         seconds = time.perf_counter() - t0
         georef = label_raster.info if label_raster.georeferenced else pred_raster.info
         row = {
-            "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": mask.shape[0],
-            "width": mask.shape[1], "num_classes": c, "class_names": table.names, "crs": georef.crs,
+            "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": height,
+            "width": width_px, "num_classes": c, "class_names": table.names, "crs": georef.crs,
             "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds, "boundary_width": width,
             "probabilities": f"{pred}/probabilities" if probs is not None else None,
             "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),

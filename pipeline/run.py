@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.cluster import connect
-from pipeline.evaluate import chunk_counts, dask_scheduler, label_array, open_mask, open_probabilities
+from pipeline.evaluate import chunk_counts, dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
 from pipeline.boundary import boundary_width_for
+from pipeline.overviews import write_overviews
 from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
@@ -275,15 +276,16 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     spent = {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
 
     ev = progress.add_task(f"{name} evaluate", total=1)
-    mask_da = open_mask(store)
-    labels_da = label_array(str(scene.labels), mask_da.shape, mask_da.chunks) if labels is not None else None
-    probs_da = open_probabilities(store) if spec.save_probabilities else None
+    mask_r = mask_raster(store)
+    labels_r = geotiff_raster(scene.labels, (info.height, info.width), chunk) if labels is not None else None
+    probs_r = probabilities_raster(store) if spec.save_probabilities else None
     width = boundary_width_for(info.height, info.width, pixels=spec.boundary_width, ratio=spec.boundary_ratio)
     with dask.config.set(scheduler=dask_scheduler(use_ray_dask)):
         counts = chunk_counts(
-            mask_da, labels_da, len(model.class_names), ignore_index=spec.ignore_index, label_values=spec.label_values,
-            probabilities=probs_da, boundary_width=width, trimap_max=spec.trimap_max_width,
+            mask_r, labels_r, len(model.class_names), ignore_index=spec.ignore_index, label_values=spec.label_values,
+            probabilities=probs_r, boundary_width=width, trimap_max=spec.trimap_max_width,
         )
+        write_overviews(store)  # after the last chunk, before the scene is marked complete
     scores = None
     if counts.total_confusion is not None:
         scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)

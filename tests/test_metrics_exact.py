@@ -8,11 +8,10 @@ sizes; chunk sizes do not divide them; masks are random and adversarial.
 from __future__ import annotations
 
 import dask
-import dask.array as da
 import numpy as np
 import pytest
 
-from pipeline.evaluate import chunk_counts
+from pipeline.evaluate import array_raster, chunk_counts
 from pipeline.metrics import class_indices, pr_curve, scene_scores
 
 C = 5
@@ -187,9 +186,9 @@ def quantised_probabilities(truth_idx, seed):
 
 
 def counts_for(truth, pred, chunk, probs=None, width=2, trimap=4):
-    mask = da.from_array(pred, chunks=chunk)
-    labels = da.from_array(truth, chunks=chunk)
-    p = da.from_array(probs, chunks=(C, chunk, chunk)) if probs is not None else None
+    mask = array_raster(pred, chunk)
+    labels = array_raster(truth, chunk)
+    p = array_raster(probs, chunk) if probs is not None else None
     with dask.config.set(scheduler="threads"):
         return chunk_counts(mask, labels, C, ignore_index=IGNORE, probabilities=p, boundary_width=width, trimap_max=trimap)
 
