@@ -25,18 +25,27 @@ def resolve_reports(path: str | Path) -> Path:
     return path
 
 
+def _table_globs(reports: Path, table: str) -> list[str]:
+    """File globs of ``table``: under ``reports``, and under each tick's job when ``reports`` is a schedule's."""
+    patterns = [(reports, f"{table}/*/*.parquet")]
+    jobs = reports.parent / "jobs"  # a schedule's output folder holds one job folder per tick
+    if jobs.is_dir():
+        patterns.append((jobs, f"*/reports/{table}/*/*.parquet"))
+    return [str(root / pattern) for root, pattern in patterns if next(root.glob(pattern), None) is not None]
+
+
 def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per report table found under ``reports``."""
+    """An in-memory DuckDB with one view per report table found under ``reports`` (and a schedule's jobs)."""
     reports = resolve_reports(reports)
     con = duckdb.connect(":memory:")
     found = 0
     for table in REPORT_TABLES:
-        files = sorted((reports / table).glob("*/*.parquet"))
-        if not files:
+        globs = _table_globs(reports, table)
+        if not globs:
             continue
-        glob = str(reports / table / "*" / "*.parquet").replace("'", "''")
+        files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
         con.execute(
-            f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
+            f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, union_by_name = true)"
         )
         found += 1
     if not found:

@@ -25,8 +25,10 @@ from pipeline.evaluate import chunk_counts, dask_scheduler, geotiff_raster, mask
 from pipeline.boundary import boundary_width_for
 from pipeline.overviews import write_overviews
 from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
+from pipeline.geometry import ChunkGrid
 from pipeline.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
+from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_scene_state
 from pipeline.report import (
     aggregates_table,
     classes_table,
@@ -373,9 +375,13 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         spec = spec.model_copy(update={"stitch": "blend" if model_info(model.source.name).whole_tile_context else "crop"})
     job_id = _job_id(spec, model)
     layout = OutputLayout(Path(spec.out))
+    use_ray_dask = connect(spec.address)  # before anything is written: a bad address leaves no trace
     _claim_output(layout, job_id, spec)
     result = JobResult(job_id, layout, model)
-    use_ray_dask = connect(spec.address)
+    states = start_scene_states(
+        layout, job_id, model_key(model.checkpoint_sha256, spec.model, dict(spec.model_options), spec.seed),
+        [(s.scene_name, str(s.image), len(ChunkGrid(i.height, i.width, spec.effective_chunk_size))) for s, i, *_ in scenes],
+    )
     actors = None
     with progress_bar(show_progress) as progress:
         for scene, info, labels, bands in scenes:
@@ -383,13 +389,20 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
             if layout.scene_done(name).exists() and layout.report_file("scenes", job_id, name).exists():
                 result.scenes.append(_finished_scene(layout, job_id, name, info))
                 continue
-            if actors is None:
-                started = time.perf_counter()
-                actors = _actors(spec, model.source)
-                result.startup_seconds = time.perf_counter() - started
-            result.scenes.append(
-                _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress)
-            )
+            running = states[name].moved(RUNNING)
+            write_scene_state(layout, running)
+            try:
+                if actors is None:
+                    started = time.perf_counter()
+                    actors = _actors(spec, model.source)
+                    result.startup_seconds = time.perf_counter() - started
+                result.scenes.append(
+                    _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress)
+                )
+            except BaseException as err:
+                write_scene_state(layout, running.moved(FAILED, chunks_done=chunks_marked(layout, name), reason=one_line(err)))
+                raise
+            write_scene_state(layout, running.moved(DONE, chunks_done=running.chunks_total))
     if actors:
         import ray
 

@@ -14,6 +14,8 @@ __all__ = [
     "CheckpointError",
     "MismatchError",
     "OutputConflictError",
+    "ClusterError",
+    "JobNotFoundError",
 ]
 
 
@@ -39,3 +41,11 @@ class MismatchError(SatsegError, ValueError):
 
 class OutputConflictError(SatsegError, FileExistsError):
     """Raised when an output folder already holds another job's results."""
+
+
+class ClusterError(SatsegError, ConnectionError):
+    """Raised when no Ray cluster answers at an address, or a local head cannot be started or stopped."""
+
+
+class JobNotFoundError(SatsegError, LookupError):
+    """Raised when a cluster has no job with the given id."""

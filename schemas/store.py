@@ -7,7 +7,7 @@ from pathlib import Path
 
 __all__ = ["OutputLayout", "REPORT_TABLES"]
 
-REPORT_TABLES = ("tiles", "classes", "scenes", "curves", "aggregates")
+REPORT_TABLES = ("tiles", "classes", "scenes", "curves", "aggregates", "runs")  # runs: one row per schedule tick
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline import __version__
-from pipeline.cli import demo, evaluate, export, models, query, report, run, train
+from pipeline.cli import cluster, demo, evaluate, export, jobs, models, query, report, run, schedule, status, submit, train
 from schemas.errors import SatsegError
 
 __all__ = ["main"]
@@ -20,6 +20,11 @@ COMMANDS = {
     "export": export,
     "report": report,
     "demo": demo,
+    "submit": submit,
+    "jobs": jobs,
+    "status": status,
+    "schedule": schedule,
+    "cluster": cluster,
 }
 
 

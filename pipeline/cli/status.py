@@ -1,0 +1,49 @@
+"""`satseg status`: per-scene state of a job (or of every job of a schedule), read from its output folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "show each scene's state (pending, running, done, failed) from a job's output folder; needs no cluster"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="a job's output folder (holding job.json), or a schedule's (holding jobs/)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+
+
+def _job_id(root: Path) -> str | None:
+    try:
+        return json.loads((root / "job.json").read_text()).get("job_id")
+    except (OSError, ValueError):
+        return None
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.query import format_rows
+    from pipeline.state import RUNNING, job_states
+    from schemas.errors import SpecError
+
+    root = Path(args.out)
+    if (root / "job.json").is_file():
+        jobs = [root]
+    elif (root / "jobs").is_dir():
+        jobs = sorted(p for p in (root / "jobs").iterdir() if (p / "job.json").is_file())
+    else:
+        raise SpecError(f"{root}: no job.json or jobs/ here; pass the `out` folder of a job or a schedule")
+    rows = []
+    for job in jobs:
+        for s in job_states(job):
+            status = f"{s.status} (process {s.pid} gone)" if s.status == RUNNING and s.process_gone else s.status
+            name = job.name if job != root else _job_id(job) or ""
+            rows.append((name, s.scene, status, s.chunks_done, s.chunks_total, s.updated_at, s.reason or ""))
+    print(format_rows(["job", "scene", "status", "chunks_done", "chunks_total", "updated", "reason"], rows, args.format))
+    if args.format == "table":
+        counts = {}
+        for r in rows:
+            key = r[2].split(" ")[0]
+            counts[key] = counts.get(key, 0) + 1
+        print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no scene state recorded yet")
+    return 0
