@@ -25,6 +25,9 @@ def code_runtime_env() -> dict:
     return {"working_dir": str(REPO_ROOT), "excludes": list(_CODE_EXCLUDES)}
 
 
+_ON_CLUSTER = False  # whether this process joined a cluster (then Dask runs on Ray too)
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Initialise Ray once per process; returns True when a cluster address was used.
 
@@ -44,9 +47,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     # GDAL's block cache stays small: each block is read about once, so a big cache only grows.
     # (A low MALLOC_MMAP_THRESHOLD_ kept the actor's heap flat but made torch's CPU forward
     # passes ~40% slower through page faults: measured, not used.)
+    global _ON_CLUSTER
     env_vars = {"GDAL_CACHEMAX": "128"}
     if ray.is_initialized():
-        return address is not None
+        return _ON_CLUSTER or address is not None
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         from ray._private import ray_constants
 
@@ -56,6 +60,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job's driver: the job already ships the code
             runtime_env.update(code_runtime_env())
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
+        _ON_CLUSTER = True
         return True
     ray.init(
         num_cpus=num_cpus,

@@ -191,8 +191,9 @@ def _actors(spec: JobSpec, source: ModelSource):
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if spec.device != "cpu" and gpus >= 1:
-        n = spec.num_actors or gpus
+    # device: cuda asks for GPU actors even when no GPU node is up yet: an autoscaling cluster starts one.
+    if spec.device == "cuda" or (spec.device == "auto" and gpus >= 1):
+        n = spec.num_actors or max(1, gpus)
         opts = {"num_gpus": 1, "num_cpus": 1}
         threads = None
     else:
@@ -250,6 +251,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     strip = _strip_width(plan, len(model.class_names), len(actors))
     tasks = [t for t in (plan.task(r, c) for r, c in plan.strip_order(strip)) if t.key not in done]
     limit = spec.max_windows_in_flight or 2 * len(actors) + 1
+    read_spread = read_window_task.options(scheduling_strategy="SPREAD")  # reads run on every node
     bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(plan.grid) - len(tasks))
     before = ray.get([a.stats.remote() for a in actors])
     in_flight: dict = {}
@@ -262,7 +264,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
             if task is None:
                 exhausted = True
                 break
-            data = read_window_task.remote(str(scene.image), task.read, bands, mean, std)
+            data = read_spread.remote(str(scene.image), task.read, bands, mean, std)
             actor = actors[(task.col // strip) % len(actors)]  # one strip, one actor: shared tiles are reused
             mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
             in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task

@@ -1,10 +1,10 @@
-"""`satseg query`: SQL over the report tables (tiles, classes, scenes) with DuckDB."""
+"""`satseg query`: SQL over the report tables with DuckDB."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "run SQL over the Parquet reports; tables: tiles, classes, scenes"
+HELP = "run SQL over the Parquet reports; tables: scenes, classes, tiles, curves, aggregates, runs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
