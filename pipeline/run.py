@@ -16,19 +16,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
-import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import __version__
+from pipeline.boundary import boundary_width_for
 from pipeline.cluster import connect
 from pipeline.evaluate import chunk_counts, dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
-from pipeline.boundary import boundary_width_for
-from pipeline.overviews import write_overviews
-from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.geometry import ChunkGrid
+from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
+from pipeline.overviews import write_overviews
 from pipeline.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
-from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_scene_state
 from pipeline.report import (
     aggregates_table,
     classes_table,
@@ -38,6 +36,7 @@ from pipeline.report import (
     tiles_table,
     write_table,
 )
+from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_scene_state
 from schemas.errors import CheckpointError, OutputConflictError, SpecError
 from schemas.job import JobSpec, SceneSpec
 from schemas.store import OutputLayout
