@@ -37,7 +37,7 @@ from pipeline.report import (
     write_table,
 )
 from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_scene_state
-from schemas.errors import CheckpointError, OutputConflictError, SpecError
+from schemas.errors import CheckpointError, OutputConflictError, ScenesFailedError, SpecError
 from schemas.job import JobSpec, SceneSpec
 from schemas.store import OutputLayout
 from workers.predictor import ModelSource
@@ -384,6 +384,7 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         [(s.scene_name, str(s.image), len(ChunkGrid(i.height, i.width, spec.effective_chunk_size))) for s, i, *_ in scenes],
     )
     actors = None
+    failures: list[tuple[str, Exception]] = []
     with progress_bar(show_progress) as progress:
         for scene, info, labels, bands in scenes:
             name = scene.scene_name
@@ -400,7 +401,11 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
                 result.scenes.append(
                     _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress)
                 )
-            except BaseException as err:
+            except Exception as err:  # one bad scene does not stop the others; the job fails at the end
+                write_scene_state(layout, running.moved(FAILED, chunks_done=chunks_marked(layout, name), reason=one_line(err)))
+                failures.append((name, err))
+                continue
+            except BaseException as err:  # interrupted: say so, and stop
                 write_scene_state(layout, running.moved(FAILED, chunks_done=chunks_marked(layout, name), reason=one_line(err)))
                 raise
             write_scene_state(layout, running.moved(DONE, chunks_done=running.chunks_total))
@@ -410,6 +415,14 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         for a in actors:
             ray.kill(a)
     _write_aggregates(layout, job_id)
+    if len(failures) == 1:
+        raise failures[0][1]
+    if failures:
+        name, err = failures[0]
+        raise ScenesFailedError(
+            f"{len(failures)} of {len(scenes)} scenes failed, first {name}: {one_line(err)}; "
+            f"`satseg status {layout.root}` lists them; fix them and rerun to resume"
+        ) from err
     return result
 
 

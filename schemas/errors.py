@@ -16,6 +16,7 @@ __all__ = [
     "OutputConflictError",
     "ClusterError",
     "JobNotFoundError",
+    "ScenesFailedError",
 ]
 
 
@@ -49,3 +50,7 @@ class ClusterError(SatsegError, ConnectionError):
 
 class JobNotFoundError(SatsegError, LookupError):
     """Raised when a cluster has no job with the given id."""
+
+
+class ScenesFailedError(SatsegError, RuntimeError):
+    """Raised at the end of a job when several of its scenes failed (each is marked failed in its state)."""

@@ -14,7 +14,7 @@ from pipeline.geometry import ChunkGrid
 from pipeline.run import run_job
 from pipeline.state import DONE, FAILED, PENDING, RUNNING, SceneState, job_states, model_key, one_line, write_scene_state
 from pipeline.synthetic import write_synthetic_scene
-from schemas.errors import InputFileError
+from schemas.errors import InputFileError, ScenesFailedError
 from schemas.job import job_from_dict
 from schemas.store import OutputLayout
 from tests.conftest import CLASSES, TINY
@@ -114,6 +114,19 @@ def test_run_job_marks_a_failing_scene_failed_and_a_rerun_finishes(ray_local, tm
     assert [s.resumed_whole for s in result.scenes] == [True, False]
     assert {s.scene: s.status for s in job_states(out)} == {"good": DONE, "zbad": DONE}
     assert all(s.reason is None for s in job_states(out))
+
+
+def test_a_failing_scene_does_not_stop_the_scenes_after_it(ray_local, tmp_path):
+    bad = write_synthetic_scene(tmp_path / "scenes", "abad", 96, 130, seed=4, cell=40)
+    worse = write_synthetic_scene(tmp_path / "scenes", "bworse", 96, 130, seed=5, cell=40)
+    good = write_synthetic_scene(tmp_path / "scenes", "cgood", 96, 130, seed=3, cell=40)
+    truncate(bad.image)
+    truncate(worse.image)
+    out = tmp_path / "out"
+    with pytest.raises(ScenesFailedError, match="2 of 3 scenes failed, first abad"):
+        run_job(tiny_job([bad, worse, good], out), show_progress=False)
+    states = {s.scene: s.status for s in job_states(out)}
+    assert states == {"abad": FAILED, "bworse": FAILED, "cgood": DONE}
 
 
 def test_status_of_a_folder_without_a_job_is_one_line(tmp_path, capsys):
