@@ -37,7 +37,7 @@ from pipeline.report import (
     write_table,
 )
 from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_scene_state
-from schemas.errors import CheckpointError, OutputConflictError, ScenesFailedError, SpecError
+from schemas.errors import CheckpointError, OutputConflictError, ScenesFailedError, SpecError, user_error
 from schemas.job import JobSpec, SceneSpec
 from schemas.store import OutputLayout
 from workers.predictor import ModelSource
@@ -415,6 +415,9 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         for a in actors:
             ray.kill(a)
     _write_aggregates(layout, job_id)
+    unexpected = [err for _, err in failures if user_error(err) is None]
+    if unexpected:
+        raise unexpected[0]  # not the user's doing: as it is, with its traceback
     if len(failures) == 1:
         raise failures[0][1]
     if failures:

@@ -349,9 +349,24 @@ def _run_job(spec: ScheduleSpec, plan: TickPlan, log: Log) -> tuple[str | None, 
     return job_id, sid, error
 
 
+def _check_before_writing(spec: ScheduleSpec) -> None:
+    """What can be refused is refused before the tick writes anything: a cluster that does not answer, or an
+    output folder that holds another schedule's runs (ticks of two schedules would share job folders)."""
+    from pipeline.submit import check_reachable, resolve_address
+
+    address = resolve_address(spec.address)
+    if address is not None:
+        check_reachable(address)
+    runs = Path(spec.out) / "reports" / "runs"
+    others = sorted(p.name.split("=", 1)[1] for p in runs.glob("schedule=*") if p.name != f"schedule={spec.name}")
+    if others:
+        raise SpecError(f"{spec.out}: holds the runs of schedule {others[0]!r}; give schedule {spec.name!r} its own `out`")
+
+
 def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict | None:
     """Run one tick; returns its runs row, or None when another scheduler holds it or it already ran."""
     run_id = run_id_of(tick)
+    _check_before_writing(spec)
     lock = ScheduleLock(Path(spec.out) / "schedule.lock")
     if not lock.acquire(spec.name):
         h = lock.holder or {}
@@ -421,6 +436,13 @@ def run_schedule(spec: ScheduleSpec, *, once: bool = False, log: Log = _stderr, 
     """
     clock = now or (lambda: datetime.now(timezone.utc))
     stop = _Shutdown(log)
+    from pipeline.submit import resolve_address
+
+    if not once and resolve_address(spec.address) is None:
+        # Ticks run here: start Ray now, since ray.init() installs its own SIGTERM handler; ours goes on top.
+        from pipeline.cluster import connect
+
+        connect(None)
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if once:
@@ -439,7 +461,10 @@ def run_schedule(spec: ScheduleSpec, *, once: bool = False, log: Log = _stderr, 
                 log("stopped")
                 return 0
             stop.in_tick = True
-            run_tick(spec, tick, log=log)
+            try:
+                run_tick(spec, tick, log=log)
+            except SatsegError as err:  # e.g. the cluster is down tonight: say so, and wait for the next tick
+                log(f"tick {run_id_of(tick)}: not run: {err}")
             stop.in_tick = False
             if stop.event.is_set():
                 log("stopped")

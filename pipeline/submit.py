@@ -84,7 +84,7 @@ def resolve_address(address: str | None) -> str | None:
     return address.rstrip("/")
 
 
-def _reachable(address: str, timeout: float = 10.0) -> None:
+def check_reachable(address: str, timeout: float = 10.0) -> None:
     url = urlparse(address)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ClusterError(f"{address}: not an http(s) address; give the dashboard address, e.g. http://HOST:8265")
@@ -101,7 +101,7 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
 
 def jobs_client(address: str):
     """A JobSubmissionClient for ``address``; a cluster that does not answer is one `ClusterError` line."""
-    _reachable(address)
+    check_reachable(address)
     from ray.job_submission import JobSubmissionClient
 
     try:  # send Ray's auth token when one is configured, as ray.init() does (Ray >= 2.52)

@@ -17,6 +17,7 @@ __all__ = [
     "ClusterError",
     "JobNotFoundError",
     "ScenesFailedError",
+    "user_error",
 ]
 
 
@@ -54,3 +55,14 @@ class JobNotFoundError(SatsegError, LookupError):
 
 class ScenesFailedError(SatsegError, RuntimeError):
     """Raised at the end of a job when several of its scenes failed (each is marked failed in its state)."""
+
+
+def user_error(err: BaseException | None) -> SatsegError | None:
+    """The user error behind ``err`` (also when Ray wrapped it in a task error), or None for any other failure."""
+    seen = 0
+    while err is not None and seen < 5:
+        if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__
+        seen += 1
+    return None

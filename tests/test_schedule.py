@@ -207,6 +207,17 @@ def test_bad_schedules_are_one_line_and_write_nothing(site, capsys, over, fragme
     assert not (site / "results").exists()
 
 
+def test_no_cluster_at_the_address_or_another_schedules_out_is_one_line_and_writes_nothing(site, capsys):
+    deliver(site, "a", 1)
+    code, _, err = run_cli(capsys, "schedule", str(write_schedule(site, address="http://127.0.0.1:1")), "--once")
+    assert_one_line_error(code, err, "no Ray cluster answers at http://127.0.0.1:1")
+    assert not (site / "results").exists()
+    (site / "results" / "reports" / "runs" / "schedule=weekly").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "schedule", str(write_schedule(site)), "--once")
+    assert_one_line_error(code, err, "runs of schedule 'weekly'", "its own `out`")
+    assert sorted(p.name for p in (site / "results").iterdir()) == ["reports"]
+
+
 def test_a_held_lock_leaves_the_tick_to_its_holder_and_a_dead_holders_lock_is_taken_over(site):
     deliver(site, "a", 1)
     spec = load_schedule(write_schedule(site))

@@ -7,7 +7,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.cli import cluster, demo, evaluate, export, jobs, models, query, report, run, schedule, status, submit, train
-from schemas.errors import SatsegError
+from schemas.errors import user_error
 
 __all__ = ["main"]
 
@@ -42,17 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(err: BaseException) -> SatsegError | None:
-    """The user error behind ``err``, also when Ray wrapped it in a task error."""
-    seen = 0
-    while err is not None and seen < 5:
-        if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
-            return err
-        err = getattr(err, "cause", None) or err.__cause__
-        seen += 1
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -61,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print("satseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001  (user errors become one line; others keep their traceback)
-        user = _user_error(err)
+        user = user_error(err)
         if user is None:
             raise
         print(f"satseg: error: {user}", file=sys.stderr)
