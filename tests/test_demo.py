@@ -13,6 +13,8 @@ def test_demo_reaches_mean_iou_085(tmp_path, capsys, ray_local):
     assert str(out / "masks" / "demo_scene.zarr") in printed and str(out / "reports") in printed
     row = pq.read_table(out / "reports" / "scenes").to_pylist()[0]
     assert row["mean_iou"] >= 0.85, row["mean_iou"]
+    assert row["mean_average_precision"] is not None and row["mean_boundary_iou"] is not None
+    assert (out / "report.html").stat().st_size > 100_000 and str(out / "report.html") in printed
     model = out / "model" / "demo-hrnet_w18_small_v1.safetensors"
     assert model.is_file()
     # A second demo reuses the data and the trained model and runs the job again.
