@@ -12,7 +12,7 @@ import sys
 
 def run_shipped() -> int:
     """The cluster side: run the job shipped in ``SATSEG_JOB_SPEC``; user errors are one line and exit 2."""
-    from pipeline.cli import _user_error
+    from schemas.errors import user_error
     from pipeline.cli.summary import print_job_summary
     from pipeline.run import run_job
     from pipeline.submit import SPEC_ENV, decode_spec
@@ -22,7 +22,7 @@ def run_shipped() -> int:
         print(f"satseg: running {len(spec.scenes)} scene(s) into {spec.out} with {sys.executable}", flush=True)
         result = run_job(spec, show_progress=False)
     except Exception as err:  # noqa: BLE001
-        user = _user_error(err)
+        user = user_error(err)
         if user is None:
             raise
         print(f"satseg: error: {user}", file=sys.stderr)
