@@ -41,9 +41,10 @@ def ref_metrics(m):
         out["dice"].append(2 * tp / (g + p) if g + p > 0 else np.nan)
         out["acc"].append(tp / g if g > 0 else np.nan)
         out["prec"].append(tp / p if p > 0 else np.nan)
-    po = np.trace(m) / total
-    pe = sum(m[i, :].sum() * m[:, i].sum() for i in range(C)) / total**2
-    out["kappa"] = (po - pe) / (1 - pe)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty scene: NaN, as in satseg
+        po = np.trace(m) / total
+        pe = sum(m[i, :].sum() * m[:, i].sum() for i in range(C)) / total**2
+        out["kappa"] = (po - pe) / (1 - pe)
     out["pixel_accuracy"] = po
     out["fw_iou"] = sum(m[i, :].sum() / total * out["iou"][i] for i in range(C) if m[i, :].sum() + m[:, i].sum() > 0)
     return out
