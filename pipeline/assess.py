@@ -229,6 +229,7 @@ def assess_mask(
             "width": width_px, "num_classes": c, "class_names": table.names, "crs": georef.crs,
             "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds, "boundary_width": width,
             "probabilities": f"{pred}/probabilities" if probs is not None else None,
+            "label_values": table.values, "mask_label_values": pred_values is not None, "ignore_index": ignore_index,
             "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),
         }
         write_table(tiles_table(name, plan, georef, counts), layout.report_file("tiles", job_id, name))

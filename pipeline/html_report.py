@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.geometry import Window
+from pipeline.metrics import MASK_NODATA
 from pipeline.palette import class_colours
 from pipeline.quicklook import (
     FN_COLOUR,
@@ -224,8 +225,8 @@ def _scene_context(tables: RunTables, row: dict) -> _SceneContext:
     store = _existing(row.get("mask")) or _existing(str(OutputLayout(tables.run_dir).mask_store(row["scene"])))
     spec = tables.spec or {}
     classes = spec.get("classes")
-    values = [int(v) for v in classes] if isinstance(classes, dict) else None
-    ignore = spec.get("ignore_index", 255)
+    values = row.get("label_values") or ([int(v) for v in classes] if isinstance(classes, dict) else None)
+    ignore = row["ignore_index"] if row.get("ignore_index") is not None else spec.get("ignore_index", 255)
     return _SceneContext(
         row["scene"], row, names, store, _existing(row.get("image")), _existing(row.get("labels")),
         label_lookup(values, len(names)), ignore,
@@ -239,6 +240,14 @@ def _mask_samples(store: Path, rows: np.ndarray, cols: np.ndarray, out: tuple[in
     from pipeline.assess import zarr_mask_array
 
     return read_mask_samples(zarr_mask_array(store), rows, cols)
+
+
+def _as_indices(ctx: _SceneContext, samples: np.ndarray) -> np.ndarray:
+    """Mask samples as class indices (255: none): a foreign mask evaluated with a mapping holds label values."""
+    if not ctx.row.get("mask_label_values"):
+        return samples
+    idx = ctx.lookup[np.clip(samples.astype(np.int64), 0, ctx.lookup.size - 1)]
+    return np.where(idx < 0, MASK_NODATA, idx).astype(np.uint8)
 
 
 def _overlay_source(store: Path, display_side: int):
@@ -262,12 +271,12 @@ def _views(ctx: _SceneContext, window: Window, side: int, *, overview: bool) -> 
     cols = sample_positions(window.col_off, window.width, out[1])
     c = len(ctx.class_names)
     views: dict = {"shape": out}
-    mask0 = _mask_samples(ctx.store, rows, cols, out, window) if ctx.store else None
+    mask0 = _as_indices(ctx, _mask_samples(ctx.store, rows, cols, out, window)) if ctx.store else None
     shown = mask0
     if ctx.store and ctx.store.is_dir() and overview:
         arr, level = _overlay_source(ctx.store, max(out))
         views["level"] = level
-        shown = read_mask_samples(arr, rows, cols, level.factor)
+        shown = _as_indices(ctx, read_mask_samples(arr, rows, cols, level.factor))
     if ctx.image is not None:
         views["image"], _ = read_image_rgb(ctx.image, out, window)
     if shown is not None:

@@ -97,6 +97,9 @@ SCENES = pa.schema(
         ("trimap_miou", pa.list_(_f64)),
         ("confusion", pa.list_(_i64)),
         ("probabilities", pa.string()),
+        ("label_values", pa.list_(_i64)),  # label value of each class, when the labels are coded by a mapping
+        ("mask_label_values", pa.bool_()),  # true when the mask holds label values too (a foreign mask)
+        ("ignore_index", _i64),
         ("model", pa.string()),
         ("checkpoint", pa.string()),
         ("checkpoint_sha256", pa.string()),

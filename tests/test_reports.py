@@ -161,6 +161,17 @@ def test_evaluate_maps_label_values_to_classes_for_foreign_masks(tmp_path, odd_s
     assert code == 0 and "water" in out and "mean boundary IoU" in out
     scenes = pq.read_table(tmp_path / "ev" / "reports" / "scenes").to_pylist()
     assert scenes[0]["mean_iou"] == mapped.metrics.mean_iou
+    assert scenes[0]["label_values"] == [10, 20, 30, 40, 50] and scenes[0]["mask_label_values"] is True
+    # the report maps the coded mask and labels to classes too: its error map is mostly right, as the metrics are
+    from pipeline.geometry import Window
+    from pipeline.html_report import _scene_context, _views, load_run
+    from pipeline.quicklook import TP_COLOUR
+
+    tables = load_run(tmp_path / "ev")
+    ctx = _scene_context(tables, tables.scenes[0])
+    views = _views(ctx, Window(0, 0, *coded.shape), 400, overview=False)
+    right = np.all(views["error"] == np.array(TP_COLOUR, dtype=np.uint8), axis=-1).mean()
+    assert right == pytest.approx(mapped.metrics.pixel_accuracy * mapped.metrics.valid_pixels / coded.size, abs=0.05)
 
 
 def test_evaluate_any_zarr_array_pair(tmp_path, odd_scene):
