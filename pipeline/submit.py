@@ -238,10 +238,17 @@ def follow_logs(client, job_id: str, write: Callable[[str], None]) -> JobRow:
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
 
+    import aiohttp  # Ray's Jobs client streams logs through it
+
     try:
         asyncio.run(tail())
     except RuntimeError as err:
         raise _not_found(err, job_id, client) from None
+    except (OSError, aiohttp.ClientError) as err:  # the connection to the cluster dropped mid-stream
+        raise ClusterError(
+            f"lost the connection to the cluster while following job {job_id} ({err}); "
+            f"`satseg jobs logs {job_id} --follow` picks it up again"
+        ) from None
     row = job_row(client, job_id)
     while row.status not in TERMINAL:  # the log stream can close a moment before the status turns final
         time.sleep(0.2)

@@ -59,6 +59,14 @@ def main(args: argparse.Namespace) -> int:
     if not args.follow:
         print(f"satseg: follow it with `satseg jobs logs {job_id} --follow --address {address}`", file=sys.stderr)
         return 0
-    row = follow_logs(client, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    try:
+        row = follow_logs(client, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    except KeyboardInterrupt:  # stop following, not the job: resubmitting would start a second one
+        print(
+            f"satseg: stopped following; job {job_id} keeps running: `satseg jobs logs {job_id} --follow` "
+            f"to follow it again, `satseg jobs stop {job_id}` to stop it (--address {address})",
+            file=sys.stderr,
+        )
+        return 130
     print(f"satseg: job {job_id} {row.status}" + (f": {row.message}" if row.message else ""), file=sys.stderr)
     return 0 if row.status == "SUCCEEDED" else 1
