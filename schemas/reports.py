@@ -22,6 +22,15 @@ SCHEMA_VERSION = 2
 _f64 = pa.float64()
 _i64 = pa.int64()
 
+# The scalar metrics of a scene or an aggregate, as `SegmentationMetrics.scalars()` names them.
+_SCALAR_METRICS = [
+    (name, _f64)
+    for name in (
+        "pixel_accuracy", "mean_accuracy", "mean_iou", "mean_dice", "frequency_weighted_iou", "mean_precision",
+        "mean_recall", "kappa",
+    )
+]
+
 TILES = pa.schema(
     [
         ("scene", pa.string()),
@@ -83,14 +92,7 @@ SCENES = pa.schema(
         ("crs", pa.string()),
         ("valid_pixels", _i64),
         ("labelled_pixels", _i64),
-        ("pixel_accuracy", _f64),
-        ("mean_accuracy", _f64),
-        ("mean_iou", _f64),
-        ("mean_dice", _f64),
-        ("frequency_weighted_iou", _f64),
-        ("mean_precision", _f64),
-        ("mean_recall", _f64),
-        ("kappa", _f64),
+        *_SCALAR_METRICS,
         ("mean_boundary_iou", _f64),
         ("boundary_width", pa.int32()),
         ("mean_average_precision", _f64),
@@ -146,14 +148,7 @@ AGGREGATES = pa.schema(
         ("scenes", pa.int32()),
         ("class_names", pa.list_(pa.string())),
         ("labelled_pixels", _i64),
-        ("pixel_accuracy", _f64),
-        ("mean_accuracy", _f64),
-        ("mean_iou", _f64),
-        ("mean_dice", _f64),
-        ("frequency_weighted_iou", _f64),
-        ("mean_precision", _f64),
-        ("mean_recall", _f64),
-        ("kappa", _f64),
+        *_SCALAR_METRICS,
         ("mean_boundary_iou", _f64),
         ("mean_average_precision", _f64),
         ("iou", pa.list_(_f64)),
