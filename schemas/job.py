@@ -10,15 +10,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
+from schemas.specfile import check_safe_name, describe, read_mapping, resolve_path
 
-__all__ = ["SceneSpec", "JobSpec", "EvaluationSpec", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
+__all__ = ["SceneSpec", "ScoringSpec", "JobSpec", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
 
 class SceneSpec(BaseModel):
     """One scene: an image, optionally its label raster, and a name for its outputs."""
@@ -32,9 +29,7 @@ class SceneSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not _NAME.match(v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
-        return v
+        return v if v is None else check_safe_name(v)
 
     @property
     def scene_name(self) -> str:
@@ -50,46 +45,43 @@ def default_chunk_size(tile_size: int, overlap: int) -> int:
     return stride * max(1, round(2048 / stride))
 
 
-def _class_names(classes) -> list[str] | None:
-    if isinstance(classes, dict):
-        return list(classes.values())
-    return list(classes) if classes is not None else None
+class ScoringSpec(BaseModel):
+    """How a job's masks are scored: the classes (names, or label value -> name) and the metric settings.
 
-
-def _check_class_mapping(classes, ignore_index: int | None) -> None:
-    if isinstance(classes, dict):
-        if len(set(classes.values())) != len(classes):
-            raise ValueError("class names in the `classes` mapping must be unique")
-        if ignore_index is not None and ignore_index in classes:
-            raise ValueError(f"label value {ignore_index} is both a class and ignore_index; change one of them")
-
-
-class EvaluationSpec(BaseModel):
-    """What `satseg evaluate --job` takes from a job file: classes and how to score; other keys are not needed."""
+    `satseg run` takes it as part of a job; `satseg evaluate --job` reads only this part of a job file.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    classes: list[str] | dict[int, str] | None = None
+    classes: list[str] | dict[int, str] | None = None  # names, or label value -> name
     ignore_index: int = 255
-    boundary_width: int = Field(default=3, ge=1, le=256)
-    boundary_ratio: float | None = Field(default=None, gt=0, lt=1)
-    trimap_max_width: int = Field(default=10, ge=1, le=256)
+    boundary_width: int = Field(default=3, ge=1, le=256)  # boundary IoU band, in pixels
+    boundary_ratio: float | None = Field(default=None, gt=0, lt=1)  # the paper's rule: ratio of the diagonal
+    trimap_max_width: int = Field(default=10, ge=1, le=256)  # trimap IoU for band widths 1..N
 
     @model_validator(mode="after")
-    def _mapping(self) -> "EvaluationSpec":
-        _check_class_mapping(self.classes, self.ignore_index)
+    def _mapping(self):
+        if isinstance(self.classes, dict):
+            if len(set(self.classes.values())) != len(self.classes):
+                raise ValueError("class names in the `classes` mapping must be unique")
+            if self.ignore_index is not None and self.ignore_index in self.classes:
+                raise ValueError(f"label value {self.ignore_index} is both a class and ignore_index; change one of them")
         return self
 
     @property
     def class_names(self) -> list[str] | None:
-        return _class_names(self.classes)
+        """Class names in class-index order."""
+        if isinstance(self.classes, dict):
+            return list(self.classes.values())
+        return list(self.classes) if self.classes is not None else None
 
     @property
     def label_values(self) -> list[int] | None:
+        """The label value of each class when `classes` maps values to names (else the value is the index)."""
         return list(self.classes) if isinstance(self.classes, dict) else None
 
 
-class JobSpec(BaseModel):
+class JobSpec(ScoringSpec):
     """A tiling job: scenes, model, tiling, stitching and where outputs go."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -98,7 +90,6 @@ class JobSpec(BaseModel):
     model: str | None = None
     checkpoint: Path | None = None
     model_options: dict = Field(default_factory=dict)
-    classes: list[str] | dict[int, str] | None = None  # names, or label value -> name
     bands: list[int] | None = None
     tile_size: int = 512
     overlap: int = 64
@@ -108,7 +99,6 @@ class JobSpec(BaseModel):
     batch_size: int | None = Field(default=None, ge=1)  # None: from free GPU memory, 1 on CPU
     tta: Literal["none", "flip", "d4"] = "none"
     compile: bool = False
-    ignore_index: int = 255
     out: Path = Path("satseg-output")
     address: str | None = None
     num_actors: int | None = Field(default=None, ge=1)
@@ -116,9 +106,6 @@ class JobSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     save_probabilities: bool = False  # per-class probabilities (uint8) beside the mask: PR curves and AP
-    boundary_width: int = Field(default=3, ge=1, le=256)  # boundary IoU band, in pixels
-    boundary_ratio: float | None = Field(default=None, gt=0, lt=1)  # the paper's rule: ratio of the diagonal
-    trimap_max_width: int = Field(default=10, ge=1, le=256)  # trimap IoU for band widths 1..N
 
     @field_validator("tile_size")
     @classmethod
@@ -142,7 +129,6 @@ class JobSpec(BaseModel):
             raise ValueError(f"chunk_size must be at least 32 (got {self.chunk_size})")
         if self.model is None and self.checkpoint is None:
             raise ValueError("give a model name or a checkpoint")
-        _check_class_mapping(self.classes, self.ignore_index)
         if self.classes is not None and len(self.classes) > 255:
             raise ValueError(f"at most 255 classes fit a uint8 mask with nodata 255 (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
@@ -154,27 +140,8 @@ class JobSpec(BaseModel):
         return self
 
     @property
-    def class_names(self) -> list[str] | None:
-        """Class names in class-index order."""
-        return _class_names(self.classes)
-
-    @property
-    def label_values(self) -> list[int] | None:
-        """The label value of each class when `classes` maps values to names (else the value is the index)."""
-        return list(self.classes) if isinstance(self.classes, dict) else None
-
-    @property
     def effective_chunk_size(self) -> int:
         return self.chunk_size or default_chunk_size(self.tile_size, self.overlap)
-
-
-def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "job"
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
 
 
 def job_from_dict(data: dict, source: str = "command line") -> JobSpec:
@@ -182,53 +149,33 @@ def job_from_dict(data: dict, source: str = "command line") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(f"{source}: {_describe(err)}; fix the job and rerun") from None
+        raise SpecError(f"{source}: {describe(err, 'job')}; fix the job and rerun") from None
 
 
-def _resolve(path: str | None, base: Path) -> str | None:
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else base / p)
+_JOB_KEYS = "`scenes:` and `model:` or `checkpoint:`"
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SpecError(f"{path}: cannot read the job file ({err.strerror}); check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: a job file is a YAML mapping with `scenes:` and `model:` or `checkpoint:`")
-    return data
-
-
-def load_evaluation_spec(path: str | Path) -> EvaluationSpec:
+def load_evaluation_spec(path: str | Path) -> ScoringSpec:
     """The classes and scoring settings of a job file (the rest of the job is not needed, nor checked)."""
     path = Path(path)
     try:
-        return EvaluationSpec.model_validate(_read_yaml(path))
+        return ScoringSpec.model_validate(read_mapping(path, "job file", _JOB_KEYS))
     except ValidationError as err:
-        raise SpecError(f"{path}: {_describe(err)}; fix the job file") from None
+        raise SpecError(f"{path}: {describe(err, 'job')}; fix the job file") from None
 
 
 def load_job(path: str | Path) -> JobSpec:
     """Read and validate a job YAML; relative paths are relative to the file."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_mapping(path, "job file", _JOB_KEYS)
     base = path.parent
     if isinstance(data.get("scenes"), list):
         for scene in data["scenes"]:
             if isinstance(scene, dict):
                 for key in ("image", "labels"):
                     if isinstance(scene.get(key), str):
-                        scene[key] = _resolve(scene[key], base)
+                        scene[key] = resolve_path(scene[key], base)
     for key in ("checkpoint", "out"):
         if isinstance(data.get(key), str):
-            data[key] = _resolve(data[key], base)
+            data[key] = resolve_path(data[key], base)
     return job_from_dict(data, str(path))

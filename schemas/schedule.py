@@ -9,19 +9,17 @@ naming the file, the field and the fix.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
 from schemas.job import JobSpec, job_from_dict
+from schemas.specfile import check_safe_name, describe, read_mapping, resolve_path
 
 __all__ = ["SceneSource", "ScheduleSpec", "load_schedule", "schedule_from_dict"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SCHEDULE_KEYS = ("scenes", "out", "address")
 
 
@@ -63,9 +61,7 @@ class ScheduleSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
-        return v
+        return check_safe_name(v)
 
     @field_validator("cron")
     @classmethod
@@ -100,56 +96,34 @@ class ScheduleSpec(BaseModel):
         return job_from_dict({**self.job, "scenes": scenes, "out": str(out)}, f"schedule {self.name}: job")
 
 
-def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "schedule"
-        parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def schedule_from_dict(data: dict, source: str = "schedule") -> ScheduleSpec:
     """Validate a schedule, its job template included; a mistake raises one `SpecError` line naming ``source``."""
     try:
         spec = ScheduleSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(f"{source}: {_describe(err)}; fix the schedule and rerun") from None
+        raise SpecError(f"{source}: {describe(err, 'schedule')}; fix the schedule and rerun") from None
     try:
         JobSpec.model_validate({**spec.job, "scenes": [{"image": "template.tif"}], "out": str(spec.out)})
     except ValidationError as err:
-        raise SpecError(f"{source}: job.{_describe(err)}; fix the schedule's job and rerun") from None
+        raise SpecError(f"{source}: job.{describe(err, 'schedule')}; fix the schedule's job and rerun") from None
     return spec
-
-
-def _resolve(path: str, base: Path) -> str:
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else base / p)
 
 
 def load_schedule(path: str | Path) -> ScheduleSpec:
     """Read and validate a schedule YAML; relative paths (glob, manifest, labels, checkpoint, out) are relative to it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise SpecError(f"{path}: cannot read the schedule file ({err.strerror}); check the path") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: a schedule file is a YAML mapping with name, cron, scenes, job and out")
+    data = read_mapping(path, "schedule file", "name, cron, scenes, job and out")
     base = path.absolute().parent
     scenes = data.get("scenes")
     if isinstance(scenes, dict):
         scenes = dict(scenes)
         for key in ("glob", "manifest", "labels"):
             if isinstance(scenes.get(key), str) and not scenes[key].startswith("{"):
-                scenes[key] = _resolve(scenes[key], base)
+                scenes[key] = resolve_path(scenes[key], base)
         data["scenes"] = scenes
     if isinstance(data.get("out"), str):
-        data["out"] = _resolve(data["out"], base)
+        data["out"] = resolve_path(data["out"], base)
     job = data.get("job")
     if isinstance(job, dict) and isinstance(job.get("checkpoint"), str):
-        data["job"] = {**job, "checkpoint": _resolve(job["checkpoint"], base)}
+        data["job"] = {**job, "checkpoint": resolve_path(job["checkpoint"], base)}
     return schedule_from_dict(data, str(path))
