@@ -26,7 +26,7 @@ from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.plan import plan_scene
 from pipeline.report import classes_table, curves_table, scenes_table, tiles_table, write_table
 from schemas.errors import InputFileError, MismatchError, SpecError
-from schemas.store import OutputLayout
+from schemas.store import OutputLayout, is_zarr_node
 from workers.reader import SceneInfo, open_scene
 
 __all__ = ["Assessment", "ClassTable", "parse_classes", "assess_mask", "zarr_mask_array"]
@@ -78,10 +78,6 @@ class _Raster:
     class_names: list[str] | None = None  # set for satseg masks: values are class indices
     probabilities: Raster | None = None
     georeferenced: bool = True
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and (path / "zarr.json").exists()
 
 
 def zarr_mask_array(path: str | Path) -> zarr.Array:
@@ -136,7 +132,7 @@ def _open_zarr(path: Path, role: str) -> _Raster:
     crs, transform = _zarr_georeference(path, name)
     info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform or (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), None)
     if satseg:
-        probs = probabilities_raster(path) if (path / "probabilities" / "zarr.json").exists() else None
+        probs = probabilities_raster(path) if is_zarr_node(path / "probabilities") else None
         return _Raster(path, mask_raster(path), info, names, probs, transform is not None)
     nodata = attrs.get("nodata", attrs.get("_FillValue"))
     if not isinstance(nodata, (int, float)) or (isinstance(nodata, float) and np.isnan(nodata)):
@@ -145,7 +141,7 @@ def _open_zarr(path: Path, role: str) -> _Raster:
 
 
 def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
-    if _is_zarr(path):
+    if is_zarr_node(path):
         return _open_zarr(path, role)
     info = open_scene(path, role=role)  # a missing or unreadable file: one line
     return _Raster(path, geotiff_raster(path, (info.height, info.width), chunk), info)

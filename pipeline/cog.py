@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.metrics import MASK_NODATA
 from pipeline.palette import NODATA_COLOUR, class_colours
 from schemas.errors import InputFileError, OutputConflictError, SpecError
+from schemas.store import is_zarr_node
 
 __all__ = ["COG_BLOCK", "CogResult", "MaskStore", "open_mask_store", "export_cog"]
 
@@ -45,10 +46,6 @@ class MaskStore:
     transform: tuple[float, float, float, float, float, float]
 
 
-def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and (path / "zarr.json").exists()
-
-
 def open_mask_store(store: str | Path) -> MaskStore:
     """Open a satseg mask store, refusing anything else and masks whose job did not finish."""
     import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -58,7 +55,7 @@ def open_mask_store(store: str | Path) -> MaskStore:
     store = Path(store)
     if not store.exists():
         raise InputFileError(f"{store}: mask store not found; give OUT/masks/<scene>.zarr of a finished job")
-    if not _is_zarr(store) or not (store / "mask" / "zarr.json").exists():
+    if not (is_zarr_node(store) and is_zarr_node(store / "mask")):
         raise InputFileError(f"{store}: not a satseg mask store (no Zarr `mask` array); give OUT/masks/<scene>.zarr")
     arr = zarr.open_array(str(store), path="mask", mode="r")
     if arr.ndim != 2 or arr.dtype != np.uint8:

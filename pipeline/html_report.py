@@ -54,7 +54,7 @@ from pipeline.quicklook import (
 )
 from pipeline.report_figures import class_bars_png, confusion_png, png, pr_curves_png, trimap_png
 from schemas.errors import InputFileError, SpecError
-from schemas.store import OutputLayout
+from schemas.store import OutputLayout, is_zarr_node
 
 __all__ = ["SECTIONS", "RUN_SECTIONS", "QUICKLOOK_SIDE", "WORST_TILES", "RunTables", "load_run", "render_report", "write_report"]
 
@@ -257,7 +257,7 @@ def _overlay_source(store: Path, display_side: int):
     from pipeline.assess import zarr_mask_array
     from pipeline.overviews import OverviewLevel, level_for_size, read_overview_levels
 
-    if not (store / "mask" / "zarr.json").exists():  # a foreign Zarr mask (`satseg evaluate`): no overviews
+    if not is_zarr_node(store / "mask"):  # a foreign Zarr mask (`satseg evaluate`): no overviews
         arr = zarr_mask_array(store)
         return arr, OverviewLevel(0, "", tuple(arr.shape), 1, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
     level = level_for_size(read_overview_levels(store), display_side)

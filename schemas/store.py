@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["OutputLayout", "REPORT_TABLES"]
+__all__ = ["OutputLayout", "REPORT_TABLES", "is_zarr_node"]
 
 REPORT_TABLES = ("tiles", "classes", "scenes", "curves", "aggregates", "runs")  # runs: one row per schedule tick
+
+
+def is_zarr_node(path: Path) -> bool:
+    """Whether ``path`` is a Zarr v3 group or array (a folder with its ``zarr.json``)."""
+    return path.is_dir() and (path / "zarr.json").exists()
 
 
 @dataclass(frozen=True)

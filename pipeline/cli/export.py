@@ -41,7 +41,9 @@ def main(args: argparse.Namespace) -> int:
     if args.overwrite:
         raise SpecError("--overwrite is for --cog exports; model exports always replace --out")
 
-    if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "zarr.json").exists():
+    from schemas.store import is_zarr_node
+
+    if is_zarr_node(Path(args.checkpoint)):
         raise SpecError(f"{args.checkpoint}: is a mask store, not a checkpoint; export it with --cog OUT.tif")
     from workers.models.export import export_checkpoint
 
