@@ -183,7 +183,8 @@ def scores_from_rows(scene: dict, classes: list[dict], curves: list[dict]) -> Sc
     """A scene's scores from its rows in the scenes, classes and curves tables (exact: counts are stored)."""
     if scene.get("confusion") is None:
         return None
-    return scene_scores(*_scene_counts(scene, classes, curves)[:2], None, _scene_counts(scene, [], curves)[2])
+    confusion, boundary, hist = _scene_counts(scene, classes, curves)
+    return scene_scores(confusion, boundary, None, hist)
 
 
 def _scene_counts(scene: dict, classes: list[dict], curves: list[dict]) -> tuple:
