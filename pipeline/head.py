@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.state import write_json
 from schemas.errors import ClusterError
 
 __all__ = ["HeadRecord", "default_state_file", "start_head", "stop_head", "read_head", "head_alive"]
@@ -121,13 +122,6 @@ def read_head(state_file: Path | None = None) -> HeadRecord | None:
         raise ClusterError(f"{path}: unreadable head record ({err}); remove it if no head runs") from None
 
 
-def _write_record(path: Path, record: HeadRecord) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2))
-    tmp.replace(path)
-
-
 def _has_ray_client() -> bool:
     try:
         from ray._private.utils import get_ray_client_dependency_error
@@ -202,7 +196,7 @@ def start_head(
         proc.pid, _process_start_time(proc.pid), f"http://127.0.0.1:{dashboard_port}", f"127.0.0.1:{gcs_port}",
         sys.executable, temp_dir, str(log), num_cpus, num_gpus,
     )
-    _write_record(path, record)
+    write_json(path, asdict(record))
     try:
         _wait_until_up(record, proc, timeout)
     except BaseException:

@@ -36,7 +36,7 @@ from pipeline.report import (
     tiles_table,
     write_table,
 )
-from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_scene_state
+from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_json, write_scene_state
 from schemas.errors import CheckpointError, OutputConflictError, ScenesFailedError, SpecError, user_error
 from schemas.job import JobSpec, SceneSpec
 from schemas.store import OutputLayout
@@ -162,11 +162,7 @@ def _claim_output(layout: OutputLayout, job_id: str, spec: JobSpec) -> None:
         raise OutputConflictError(
             f"{layout.root}: holds satseg outputs ({leftovers[0].name}/) but no job.json; choose another --out or remove them"
         )
-    layout.root.mkdir(parents=True, exist_ok=True)
-    record = {"job_id": job_id, "satseg_version": __version__, "spec": spec.model_dump(mode="json")}
-    tmp = layout.job_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(layout.job_file)
+    write_json(layout.job_file, {"job_id": job_id, "satseg_version": __version__, "spec": spec.model_dump(mode="json")})
 
 
 def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[tuple[SceneSpec, SceneInfo, SceneInfo | None, list[int]]]:

@@ -39,10 +39,10 @@ from typing import Callable
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.state import DONE, FAILED, PENDING, RUNNING, job_states, model_key, one_line
+from pipeline.report import write_table
+from pipeline.state import DONE, FAILED, PENDING, RUNNING, job_states, model_key, one_line, write_json
 from schemas.errors import SatsegError, SpecError
 from schemas.runs import RUNS
 from schemas.schedule import ScheduleSpec
@@ -231,13 +231,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def _earlier_work(spec: ScheduleSpec, key: str, current: str) -> tuple[set[str], set[str], set[str]]:
     """Images done with ``key`` in any earlier job; those pending or running in an earlier tick's job that still
     runs on a cluster; those that failed before (run last, so one bad scene does not hold back the others)."""
@@ -298,7 +291,7 @@ def _plan(spec: ScheduleSpec, tick: datetime, log: Log) -> TickPlan:
     names = _scene_names([image for image, _ in todo])
     plan.scenes = [{"image": image, "labels": labels, "name": name} for (image, labels), name in zip(todo, names)]
     if plan.scenes:
-        _write_json(_jobs_dir(spec) / run_id / "tick.json", asdict(plan))
+        write_json(_jobs_dir(spec) / run_id / "tick.json", asdict(plan))
     return plan
 
 
@@ -315,7 +308,7 @@ def _submission(client, spec: ScheduleSpec, plan: TickPlan, job_spec, address: s
         except JobNotFoundError:
             sid = submit_job(client, job_spec, python=spec.python, submission_id=sid,
                              metadata={"satseg_schedule": spec.name, "satseg_run_id": plan.run_id})
-            _write_json(_jobs_dir(spec) / plan.run_id / "submission.json", {"submission_id": sid, "address": address})
+            write_json(_jobs_dir(spec) / plan.run_id / "submission.json", {"submission_id": sid, "address": address})
             return sid
         if row.status not in TERMINAL:
             return sid
@@ -398,7 +391,7 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
             "job_out": str(_jobs_dir(spec) / run_id) if plan.scenes else None,
             "host": socket.gethostname(), "satseg_version": __version__,
         }
-        _write_row(_runs_file(spec, run_id), row)
+        write_table(pa.Table.from_pylist([row], schema=RUNS), _runs_file(spec, run_id))
         log(f"tick {run_id}: {row['status']}: found {plan.found}, submitted {len(plan.scenes)}, "
             f"skipped {len(plan.skipped)}, failed {failed}" + (f"; {error}" if error else ""))
         return row
@@ -406,11 +399,6 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
         lock.release()
 
 
-def _write_row(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(pa.Table.from_pylist([row], schema=RUNS), tmp)
-    tmp.replace(path)
 
 
 class _Shutdown:

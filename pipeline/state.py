@@ -125,18 +125,22 @@ def _status_file(layout: OutputLayout, scene: str) -> Path:
     return layout.state / scene / "status.json"
 
 
-def write_scene_state(layout: OutputLayout, state: SceneState) -> None:
-    """Replace the scene's status file atomically (temp file in the same folder, then rename)."""
-    path = _status_file(layout, state.scene)
+def write_json(path: Path, data: dict) -> None:
+    """Replace a JSON file atomically (temp file in the same folder, then rename): never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(state), f, indent=2)
+            json.dump(data, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_scene_state(layout: OutputLayout, state: SceneState) -> None:
+    """Replace the scene's status file atomically."""
+    write_json(_status_file(layout, state.scene), asdict(state))
 
 
 def read_scene_state(layout: OutputLayout, scene: str) -> SceneState | None:
