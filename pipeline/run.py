@@ -189,7 +189,8 @@ def _actors(spec: JobSpec, source: ModelSource):
     # device: cuda asks for GPU actors even when no GPU node is up yet: an autoscaling cluster starts one.
     if spec.device == "cuda" or (spec.device == "auto" and gpus >= 1):
         n = spec.num_actors or max(1, gpus)
-        opts = {"num_gpus": 1, "num_cpus": 1}
+        # two calls at once: one chunk's upload overlaps the other's model work (the model itself is locked)
+        opts = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": 2}
         threads = None
     else:
         # CPU actors reserve no CPU slot, so read and write tasks always find one; torch

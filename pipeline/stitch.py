@@ -6,15 +6,22 @@ covering tile, with a positive window so every covered pixel has weight. Tiles
 are always accumulated in lattice (row-major) order, so a pixel's float sums
 are the same whichever chunk computes it: masks are bit-identical for any
 chunk size.
+
+The same functions stitch numpy arrays (the whole-image reference, tests) and
+torch tensors on the model's device (the actors): one rule, two array
+libraries. Only elementwise IEEE operations touch the float sums, in the same
+order, so both give the same bits.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+import sys
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
 from pipeline.geometry import TileLattice, Window, reflect_index
+from pipeline.metrics import MASK_NODATA
 
 __all__ = [
     "WINDOW_FUNCTIONS",
@@ -23,6 +30,8 @@ __all__ = [
     "BlendAccumulator",
     "stitch_chunk",
     "sliding_window_predict",
+    "quantise_probabilities",
+    "class_argmax",
 ]
 
 StitchMode = Literal["blend", "crop"]
@@ -51,14 +60,54 @@ def window_weights(name: str, tile: int) -> np.ndarray:
     return np.outer(p, p).astype(np.float32)
 
 
-class BlendAccumulator:
-    """Weighted sums of class probabilities over one output window."""
+def _is_torch(array: Any) -> bool:
+    return type(array).__module__.startswith("torch")
 
-    def __init__(self, window: Window, num_classes: int, weights: np.ndarray) -> None:
+
+def _full(like: Any, shape: tuple[int, ...], fill: float, dtype: str) -> Any:
+    """A new array of ``dtype`` filled with ``fill``, from the library (and on the device) of ``like``."""
+    if like is not None and _is_torch(like):
+        torch = sys.modules["torch"]
+        return torch.full(shape, fill, dtype=getattr(torch, dtype), device=like.device)
+    return np.full(shape, fill, dtype=dtype)
+
+
+def _as_uint8(array: Any) -> Any:
+    return array.to(sys.modules["torch"].uint8) if _is_torch(array) else array.astype(np.uint8)
+
+
+def class_argmax(scores: Any) -> Any:
+    """Index of the largest score over axis 0, as uint8; ties go to the first class (numpy and torch alike).
+
+    A running comparison over the classes: on a (C, h, w) array it streams
+    each class plane once, where a reduction over the leading axis is several
+    times slower on CPU.
+    """
+    best = scores[0] + 0  # a copy in either library
+    out = _full(scores, tuple(scores.shape[1:]), 0, "uint8")
+    for c in range(1, scores.shape[0]):
+        better = scores[c] > best
+        out[better] = c
+        best[better] = scores[c][better]
+    return out
+
+
+def quantise_probabilities(probabilities: Any, valid: Any) -> Any:
+    """Probabilities as uint8 q = round(255 p) (half to even), 0 where ``valid`` is False."""
+    scaled = probabilities.clip(0.0, 1.0) * 255.0
+    q = _as_uint8(scaled.round() if _is_torch(scaled) else np.rint(scaled))
+    q[:, ~valid] = 0
+    return q
+
+
+class BlendAccumulator:
+    """Weighted sums of class probabilities over one output window (numpy, or torch on any device)."""
+
+    def __init__(self, window: Window, num_classes: int, weights: Any) -> None:
         self.window = window
         self.weights = weights
-        self.sum = np.zeros((num_classes, *window.shape), dtype=np.float32)
-        self.weight = np.zeros(window.shape, dtype=np.float32)
+        self.sum = _full(weights, (num_classes, *window.shape), 0, "float32")
+        self.weight = _full(weights, tuple(window.shape), 0, "float32")
 
     def add(self, tile_window: Window, probabilities: np.ndarray) -> None:
         """Add one tile's probabilities (C, T, T); the part outside the window is ignored."""
@@ -71,35 +120,40 @@ class BlendAccumulator:
         self.sum[(slice(None), *out)] += w * probabilities[(slice(None), *src)]
         self.weight[out] += w
 
-    def classes(self) -> np.ndarray:
+    def classes(self) -> Any:
         """Argmax of the weighted mean (dividing by the weight does not change the argmax)."""
-        return np.argmax(self.sum, axis=0).astype(np.uint8)
+        return class_argmax(self.sum)
 
-    def probabilities(self) -> np.ndarray:
+    def probabilities(self) -> Any:
         """The weighted mean of class probabilities (C, h, w); 0 where no tile covers a pixel."""
-        out = np.zeros_like(self.sum)
-        np.divide(self.sum, self.weight, out=out, where=self.weight > 0)
+        covered = self.weight > 0
+        out = self.sum * 0
+        out[:, covered] = self.sum[:, covered] / self.weight[covered]
         return out
 
 
 def stitch_chunk(
     chunk: Window,
-    tiles: Iterable[tuple[Window, np.ndarray]],
+    tiles: Iterable[tuple[Window, Any]],
     *,
     lattice: TileLattice,
     mode: StitchMode,
     num_classes: int,
-    weights: np.ndarray | None = None,
+    weights: Any = None,
     probabilities: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    like: Any = None,
+) -> Any:
     """Class map (uint8) of ``chunk`` from (tile window, output) pairs in lattice order.
 
     For ``blend`` the outputs are probabilities (C, T, T); for ``crop`` they are
     class maps (T, T) or probabilities, and only each tile's core is kept.
     Pixels that no tile covers are left at 255 (nodata). With ``probabilities``
     (outputs must then be probabilities) the stitched probabilities (C, h, w,
-    float32; 0 where uncovered) come back too.
+    float32; 0 where uncovered) come back too. Outputs and weights are numpy
+    arrays or torch tensors; results are made like ``like`` (default: like
+    ``weights``; numpy when both are None).
     """
+    like = weights if like is None else like
     if mode == "blend":
         if weights is None:
             raise ValueError("blend stitching needs window weights")
@@ -107,17 +161,17 @@ def stitch_chunk(
         for win, out in tiles:
             acc.add(win, out)
         classes = acc.classes()
-        classes[acc.weight == 0] = 255
+        classes[acc.weight == 0] = MASK_NODATA
         return (classes, acc.probabilities()) if probabilities else classes
     if mode == "crop":
-        out_map = np.full(chunk.shape, 255, dtype=np.uint8)
-        probs = np.zeros((num_classes, *chunk.shape), dtype=np.float32) if probabilities else None
+        out_map = _full(like, tuple(chunk.shape), MASK_NODATA, "uint8")
+        probs = _full(like, (num_classes, *chunk.shape), 0, "float32") if probabilities else None
         m, s = lattice.margin, lattice.stride
         for win, out in tiles:
             core = Window(win.row_off + m, win.col_off + m, s, s).intersection(chunk)
             if core is None:
                 continue
-            labels = out if out.ndim == 2 else np.argmax(out, axis=0)
+            labels = out if out.ndim == 2 else class_argmax(out)
             out_map[core.slices_in(chunk)] = labels[core.slices_in(win)]
             if probs is not None:
                 probs[(slice(None), *core.slices_in(chunk))] = out[(slice(None), *core.slices_in(win))]

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+import warnings
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from pipeline.geometry import Window
 from pipeline.plan import ChunkTask, ScenePlan
-from pipeline.stitch import stitch_chunk, window_weights
-from workers.reader import WindowData
+from pipeline.metrics import MASK_NODATA
+from pipeline.stitch import class_argmax, quantise_probabilities, stitch_chunk, window_weights
+from workers.reader import WindowData, normalise
 from workers.tta import dihedral_transforms
 
 __all__ = ["ModelSource", "TileCache", "TilePredictor", "choose_batch_size", "pick_device"]
@@ -76,16 +80,17 @@ class TileCache:
     """Outputs of tiles shared by several chunks, kept until every such chunk has used them.
 
     A shared tile is computed once, not once per chunk; a reused output is the
-    very array a recomputation would give (the model is deterministic and
-    batch-independent), so the cache changes speed, never the mask. Bounded in
-    bytes: past the bound the oldest entries go, and are recomputed if needed.
+    very array a recomputation would give (every model call has one shape, so
+    a tile's output does not depend on its batch), so the cache changes speed,
+    never the mask. Bounded in bytes: past the bound the oldest entries go, and
+    are recomputed if needed. Entries are numpy arrays or device tensors.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.hits = 0
         self._scope: tuple | None = None
-        self._entries: OrderedDict[tuple[int, int], tuple[np.ndarray, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int], tuple[Any, int]] = OrderedDict()
         self._bytes = 0
 
     def switch(self, scope: tuple) -> None:
@@ -95,15 +100,15 @@ class TileCache:
             self._bytes = 0
             self._scope = scope
 
-    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+    def get(self, key: tuple[int, int]) -> Any:
         entry = self._entries.get(key)
         if entry is None:
             return None
         self.hits += 1
         return entry[0]
 
-    def use(self, key: tuple[int, int], output: np.ndarray, uses_total: int) -> None:
-        """Record one chunk's use of a tile; keep it while other chunks still need it."""
+    def use(self, key: tuple[int, int], output: Any, uses_total: int) -> None:
+        """Record one chunk's use of a tile; keep it while other chunks still need it (pass a copy, not a view of a batch)."""
         entry = self._entries.pop(key, None)
         remaining = (entry[1] if entry else uses_total) - 1
         if entry:
@@ -175,8 +180,10 @@ class TilePredictor:
         self._transforms = dihedral_transforms(tta)
         self._compiled = self._compile(self.model) if compile else None
         self._auto_batch: dict[tuple[int, int], int] = {}
-        self._weights: dict[tuple[str, int], np.ndarray] = {}
+        self._weights: dict[tuple[str, int], torch.Tensor] = {}
         self._cache = TileCache(cache_bytes)
+        self._lock = threading.Lock()
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.tiles_predicted = 0
         self.model_seconds = 0.0
         self.chunk_seconds = 0.0
@@ -223,37 +230,65 @@ class TilePredictor:
             total = y if total is None else total + y
         return total / len(self._transforms) if len(self._transforms) > 1 else total
 
-    def predict_batch(self, batch: np.ndarray, *, classes: bool = False) -> np.ndarray:
-        """Probabilities (N, C, T, T) float32, or class maps (N, T, T) uint8, of a batch of tiles."""
+    def _device_tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device: through pinned memory and an asynchronous copy on a GPU."""
+        with warnings.catch_warnings():  # arrays from Ray's object store are read-only; nothing writes to this view
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    def _outputs(self, x: torch.Tensor, classes: bool) -> torch.Tensor:
+        """Probabilities (N, C, T, T) float32, or class maps (N, T, T) uint8, of tiles already on the device.
+
+        Every model call has the same shape: the tiles go in batches of
+        ``batch_size_for``, the last one padded with zero tiles. So a tile's
+        output never depends on how many tiles, or which, share its batch
+        (on a GPU the kernels cuDNN picks depend on the batch shape).
+        """
+        n, bands, tile, _ = x.shape
+        size = self.batch_size_for(bands, tile)
+        outs = []
         started = time.perf_counter()
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch))
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            logits = self.logits(x)
-            self.tiles_predicted += len(batch)
-            if classes:
-                # argmax over a channels-last copy: over NCHW's class axis it is ~7x slower on CPU
-                out = logits.permute(0, 2, 3, 1).contiguous().argmax(dim=-1).to(torch.uint8).cpu().numpy()
-            else:
-                out = torch.softmax(logits, dim=1).cpu().numpy()
+        for i in range(0, n, size):
+            part = x[i : i + size]
+            if len(part) < size:
+                part = torch.cat([part, part.new_zeros((size - len(part), *part.shape[1:]))])
+            logits = self.logits(part)[: min(size, n - i)]
+            # argmax of the logits, class by class: over NCHW's class axis torch's argmax is ~7x slower on CPU
+            outs.append(class_argmax(logits.transpose(0, 1)) if classes else torch.softmax(logits, dim=1))
+        self.tiles_predicted += n
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so model_seconds is the model's time, not the launches'
         self.model_seconds += time.perf_counter() - started
         return out
 
+    def predict_batch(self, batch: np.ndarray, *, classes: bool = False) -> np.ndarray:
+        """Probabilities (N, C, T, T) float32, or class maps (N, T, T) uint8, of a host batch of normalised tiles."""
+        with torch.inference_mode():
+            x = self._device_tensor(batch).float()
+            return self._outputs(x, classes).cpu().numpy()
+
     def batch_size_for(self, channels: int, tile: int) -> int:
-        """Tiles per model call: the one asked for; else 4 on CPU; else what ~70% of free GPU memory holds (<= 64)."""
+        """Tiles per model call: the one asked for; else 1 on CPU; else what ~70% of the GPU holds (a power of 2, <= 64).
+
+        On a GPU the size comes from the device's total memory (less what the
+        model holds), not from the memory free at the moment, so every actor on
+        the same kind of GPU picks the same call shape, and with it the same bits.
+        """
         if self.batch_size is not None:
             return self.batch_size
         key = (channels, tile)
         if key not in self._auto_batch:
             if self.device.type == "cuda":
                 per_tile = self._tile_peak_bytes(channels, tile)
-                torch.cuda.empty_cache()
-                free, _ = torch.cuda.mem_get_info(self.device)
-                size = choose_batch_size(free, per_tile)
-                log.info(
-                    "batch size %d for %d px tiles: %.0f MiB per tile, %.0f MiB free", size, tile, per_tile / 2**20, free / 2**20
-                )
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                held = sum(p.numel() * p.element_size() for p in self.model.parameters())
+                size = choose_batch_size(total - held, per_tile)
+                size = 1 << (size.bit_length() - 1)
+                log.info("batch size %d for %d px tiles: %.0f MiB per tile", size, tile, per_tile / 2**20)
             else:
                 size = CPU_BATCH_SIZE
             self._auto_batch[key] = size
@@ -270,14 +305,37 @@ class TilePredictor:
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device) - base)
 
+    def _upload(self, data: WindowData) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's normalised bands (float32) and valid pixels (bool) on the device.
+
+        Only the file's own pixel bytes cross from the host; conversion and
+        normalisation run on the device. On a GPU the copy runs on its own
+        stream, so it overlaps the model work of the chunk before.
+        """
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            x = self._device_tensor(data.pixels).to(torch.float32, copy=True)
+            has_data = self._device_tensor(data.has_data)
+            norm = self._device_tensor(np.asarray([data.mean, data.std], dtype=np.float32))
+            normalise(x, has_data, norm[0], norm[1])
+            valid = torch.zeros_like(has_data)
+            if data.inside is not None:
+                part = data.inside.slices_in(data.window)
+                valid[part] = has_data[part]
+        if stream is not None:
+            stream.synchronize()  # this call waits for its copy; the other call's model work goes on
+            for t in (x, valid):
+                t.record_stream(torch.cuda.current_stream(self.device))
+        return x, valid
+
     def _tile_outputs(
-        self, data: WindowData, tiles: list[tuple[tuple[int, int], Window]], classes: bool, plan: ScenePlan
-    ) -> Iterator[tuple[Window, np.ndarray]]:
-        """Tile outputs in lattice order: shared tiles from the cache, the rest from batched model calls."""
-        size = self.batch_size_for(data.image.shape[0], plan.lattice.tile)
+        self, x: torch.Tensor, window: Window, tiles: list[tuple[tuple[int, int], Window]], classes: bool, plan: ScenePlan
+    ) -> Iterator[tuple[Window, torch.Tensor]]:
+        """Tile outputs in lattice order: shared tiles from the cache, the rest from fixed-shape model calls."""
+        size = self.batch_size_for(x.shape[0], plan.lattice.tile)
         hits = {rc: self._cache.get(rc) for rc, _ in tiles}
         todo = [(rc, win) for rc, win in tiles if hits[rc] is None]
-        fresh: dict[tuple[int, int], np.ndarray] = {}
+        fresh: dict[tuple[int, int], torch.Tensor] = {}
         next_batch = 0
         for rc, win in tiles:
             out = hits[rc]
@@ -285,10 +343,14 @@ class TilePredictor:
                 if rc not in fresh:
                     part = todo[next_batch : next_batch + size]
                     next_batch += len(part)
-                    batch = np.stack([data.image[(slice(None), *w.slices_in(data.window))] for _, w in part])
-                    fresh.update(zip((p[0] for p in part), self.predict_batch(batch, classes=classes)))
+                    batch = torch.stack([x[(slice(None), *w.slices_in(window))] for _, w in part])
+                    fresh.update(zip((p[0] for p in part), self._outputs(batch, classes)))
                 out = fresh.pop(rc)
-            self._cache.use(rc, out, plan.chunks_per_tile(*rc))
+                uses = plan.chunks_per_tile(*rc)
+                # a shared tile is kept on its own, not as a view that would hold its whole batch
+                self._cache.use(rc, out.clone() if uses > 1 else out, uses)
+            else:
+                self._cache.use(rc, out, plan.chunks_per_tile(*rc))
             yield win, out
 
     def predict_chunk(
@@ -297,39 +359,48 @@ class TilePredictor:
         """The chunk's class map (uint8, 255 where the input has no data).
 
         With ``probabilities`` also the class probabilities (C, h, w) quantised
-        to uint8 (q = round(255 p); 0 where the input has no data).
+        to uint8 (q = round(255 p); 0 where the input has no data). Everything
+        between the pixels' upload and these uint8 arrays runs on the device.
         """
-        started = time.perf_counter()
+        with torch.inference_mode():
+            x, valid = self._upload(data)
+            with self._lock:  # one chunk at a time on the model; the next one's upload overlaps it
+                started = time.perf_counter()
+                out = self._stitch(x, valid, data, task, plan, window, scene_key, probabilities)
+                out = tuple(o.cpu().numpy() for o in out)
+                self.chunk_seconds += time.perf_counter() - started
+        return out if probabilities else out[0]
+
+    def _stitch(self, x, valid, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str, probabilities: bool):
         lattice = plan.lattice
+        read = data.window
         self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap, probabilities))
+        host_valid = data.valid  # which tiles to skip is decided on the host: no device round trip per tile
         tiles = []
         for r, c in task.tiles:
             win = lattice.window(r, c)
-            if data.valid[win.slices_in(data.window)].any():
+            if host_valid[win.slices_in(read)].any():
                 tiles.append(((r, c), win))  # a tile with no valid pixel skips the model
         weights = None
         if plan.mode == "blend":
             key = (window, lattice.tile)
             if key not in self._weights:
-                self._weights[key] = window_weights(window, lattice.tile)
+                self._weights[key] = torch.from_numpy(window_weights(window, lattice.tile)).to(self.device)
             weights = self._weights[key]
         out = stitch_chunk(
             task.chunk,
-            self._tile_outputs(data, tiles, plan.mode == "crop" and not probabilities, plan),
+            self._tile_outputs(x, read, tiles, plan.mode == "crop" and not probabilities, plan),
             lattice=lattice,
             mode=plan.mode,
             num_classes=self.num_classes,
             weights=weights,
             probabilities=probabilities,
+            like=x,
         )
         mask, probs = out if probabilities else (out, None)
-        nodata = ~data.valid[task.chunk.slices_in(data.window)]
-        mask[nodata] = 255
-        if probs is not None:
-            probs = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
-            probs[:, nodata] = 0
-        self.chunk_seconds += time.perf_counter() - started
-        return (mask, probs) if probabilities else mask
+        chunk_valid = valid[task.chunk.slices_in(read)]
+        mask[~chunk_valid] = MASK_NODATA
+        return (mask, quantise_probabilities(probs, chunk_valid)) if probabilities else (mask,)
 
     def stats(self) -> dict:
         return {

@@ -21,7 +21,8 @@ from rasterio.windows import Window as RioWindow
 from pipeline.geometry import Window, reflect_index
 from schemas.errors import InputFileError, MismatchError
 
-__all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window", "check_bands"]
+__all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window", "check_bands",
+           "normalise", "EXACT_IN_FLOAT32"]
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,60 @@ class SceneInfo:
         return (min(xs), min(ys), max(xs), max(ys))
 
 
+EXACT_IN_FLOAT32 = frozenset({"uint8", "int8", "uint16", "int16", "float32"})
+"""Pixel types that travel as read: float32 holds each of their values exactly, so the model's device
+converts and normalises them with the same result as the reader would (and 16-bit pixels are half the bytes)."""
+
+
 @dataclass
 class WindowData:
-    """One read window: normalised bands and which pixels hold data."""
+    """One read window: the bands as stored, which pixels hold data, and how to normalise them.
+
+    Normalisation happens where the pixels are used (on the model's device in
+    an actor; :attr:`image` on the host), so only the file's own bytes cross
+    Ray's object store.
+    """
 
     window: Window
-    image: np.ndarray  # (bands, h, w) float32, 0 where invalid
-    valid: np.ndarray  # (h, w) bool: inside the scene and not nodata
+    pixels: np.ndarray  # (bands, h, w): as stored when EXACT_IN_FLOAT32 holds its type, else float32
+    has_data: np.ndarray  # (h, w) bool: not nodata and finite in every selected band (reflected outside the scene)
+    scene_shape: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def inside(self) -> Window | None:
+        """The part of the window inside the scene (None when it lies wholly outside)."""
+        return self.window.intersection(Window(0, 0, *self.scene_shape))
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(h, w) bool: inside the scene and holding data."""
+        out = np.zeros(self.has_data.shape, dtype=bool)
+        if self.inside is not None:
+            part = self.inside.slices_in(self.window)
+            out[part] = self.has_data[part]
+        return out
+
+    @property
+    def image(self) -> np.ndarray:
+        """(bands, h, w) float32 normalised bands, 0 where a pixel has no data."""
+        return normalise(
+            self.pixels.astype(np.float32), self.has_data, np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        )
+
+
+def normalise(image, has_data, mean, std):
+    """``(image - mean) / std`` per band, in place, then 0 where a pixel has no data; returns ``image``.
+
+    ``image`` is float32 (bands, h, w), numpy or torch on any device, with
+    ``mean`` and ``std`` (bands,) of the same library: only IEEE-exact
+    elementwise operations, so host and device give the same bits.
+    """
+    image -= mean[:, None, None]
+    image /= std[:, None, None]
+    image[:, ~has_data] = 0
+    return image
 
 
 def open_scene(path: str | Path, *, role: str = "image") -> SceneInfo:
@@ -142,12 +190,6 @@ def _padded_read(src, window: Window, indexes) -> tuple[np.ndarray, np.ndarray]:
     return data, valid
 
 
-def _in_scene(window: Window, height: int, width: int) -> np.ndarray:
-    rows = np.arange(window.row_off, window.row_stop)
-    cols = np.arange(window.col_off, window.col_stop)
-    return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
-
-
 def read_image_window(
     path: str,
     window: Window,
@@ -155,20 +197,18 @@ def read_image_window(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> WindowData:
-    """Read ``window`` (may extend outside the scene), normalise, and mark nodata."""
+    """Read ``window`` (may extend outside the scene) and mark nodata; :attr:`WindowData.image` normalises."""
     try:
         with rasterio.open(path) as src:
             raw, mask = _padded_read(src, window, list(bands))
-            in_scene = _in_scene(window, src.height, src.width)
+            shape = (src.height, src.width)
     except RasterioIOError as err:
         raise InputFileError(f"{path}: read failed ({err}); check the file is complete") from None
-    data = raw.astype(np.float32)
-    del raw
-    valid = mask & np.all(np.isfinite(data), axis=0)
-    data -= np.asarray(mean, dtype=np.float32)[:, None, None]
-    data /= np.asarray(std, dtype=np.float32)[:, None, None]
-    data[:, ~valid] = 0.0
-    return WindowData(window=window, image=data, valid=valid & in_scene)
+    if raw.dtype.name not in EXACT_IN_FLOAT32:
+        raw = raw.astype(np.float32)
+    if raw.dtype.kind == "f":
+        mask &= np.all(np.isfinite(raw), axis=0)
+    return WindowData(window, raw, mask, shape, tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def read_label_window(path: str, window: Window, band: int = 1) -> np.ndarray:
