@@ -1,12 +1,20 @@
-"""Pipeline cost on top of the model: one scene end to end vs the same tiles through the model alone.
+"""Pipeline cost on top of the model: feed rates per stage, and each job end to end beside the model alone.
 
-Runs, in one process: (1) `run_job` on a generated scene (Ray read tasks,
-model actor, stitching, Zarr writes, Dask evaluation, Parquet reports), and
-(2) the scene's lattice tiles, each once, through the same `TilePredictor`
-with no Ray and no I/O. Prints both times, their ratio, megapixels per second
-and peak memory (PSS of the driver plus its Ray processes). Figures go to BENCHMARKS.md.
+One run (`make benchmark` runs the defaults) measures, on one generated scene:
 
-    python benchmarks/pipeline.py --size 4096 --model hrnet_w18_small_v1
+1. the feed rate: single-core Mpx/s of each stage around the model (read,
+   tile + stitch, write, count) with the per-pixel linear model, and from it
+   how many host cores one GPU needs to keep each model fed;
+2. for each stitch mode, `run_job` end to end (Ray read tasks, the model
+   actor, device-side stitching, Zarr writes, counting behind the writes,
+   overviews, Parquet reports), then the same lattice tiles through the model
+   alone on its device, in the same process;
+3. the same job with the per-pixel linear model: the pipeline's own ceiling.
+
+Prints the figures side by side and appends one JSON line per measurement to
+benchmarks/results.jsonl (with machine, date and commit); BENCHMARKS.md keeps the table.
+
+    python benchmarks/pipeline.py --size 4096 --model hrnet_w18_small_v1 --stitch blend crop
 """
 
 from __future__ import annotations
@@ -84,20 +92,140 @@ class PeakMemory:
         self._thread.join()
 
 
-def model_alone(source: ModelSource, n_tiles: int, tile: int, batch: int, threads: int, mode: str) -> float:
-    """Seconds to run ``n_tiles`` tiles through the model (warm), including softmax/argmax to host."""
+def model_alone(source: ModelSource, n_tiles: int, tile: int, batch: int | None, threads: int, mode: str) -> float:
+    """Seconds for ``n_tiles`` tiles through the model on its device (warm), in the pipeline's fixed-shape calls.
+
+    Tiles are on the device already and the outputs stay there (softmax for
+    blend, class maps for crop): the model's own ceiling, with no copies.
+    """
     predictor = TilePredictor(source, device="auto", batch_size=batch, threads=threads)
-    batch = predictor.batch_size_for(source.in_channels, tile)  # the pipeline's choice when not given
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, source.in_channels, tile, tile)).astype(np.float32)
-    predictor.predict_batch(x[:1], classes=mode == "crop")  # warm-up
-    t0 = time.perf_counter()
-    done = 0
-    while done < n_tiles:
-        k = min(batch, n_tiles - done)
-        predictor.predict_batch(x[:k], classes=mode == "crop")
-        done += k
+    size = predictor.batch_size_for(source.in_channels, tile)
+    with torch.inference_mode():
+        x = torch.randn((size, source.in_channels, tile, tile), generator=torch.Generator().manual_seed(0)).to(predictor.device)
+        predictor._outputs(x, mode == "crop")  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < n_tiles:
+            k = min(size, n_tiles - done)
+            predictor._outputs(x[:k], mode == "crop")
+            done += k
     return time.perf_counter() - t0
+
+
+def feed_rates(image: Path, labels: Path, size: int, tile: int, overlap: int, chunk: int, stitch: str) -> dict:
+    """Single-core Mpx/s of each stage around the model, with the per-pixel linear model (next to no model work).
+
+    Every chunk of the scene is read, tiled and stitched, written to Zarr and
+    counted against the labels, each stage timed on its own in this process
+    with one torch thread: what one core feeds a model at.
+    """
+    from pipeline.evaluate import CountSpec, block_counts, geotiff_raster, mask_raster
+    from pipeline.plan import plan_scene
+    from workers.reader import open_scene, read_image_window
+    from workers.writer import create_mask_store, write_mask_chunk
+
+    torch.set_num_threads(1)
+    info = open_scene(image)
+    plan = plan_scene(size, size, tile=tile, overlap=overlap, chunk=chunk, mode=stitch)
+    source = ModelSource("pixel_linear", info.count, len(DEMO_CLASSES))
+    predictor = TilePredictor(source, device="cpu", batch_size=1, threads=1)
+    store = image.parent.parent / f"feed_{size}_{stitch}.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    create_mask_store(store, info, chunk, {})
+    seconds = dict.fromkeys(("read", "tile + stitch", "write", "count"), 0.0)
+    bands = list(range(1, info.count + 1))
+    for task in plan.tasks():
+        t0 = time.perf_counter()
+        data = read_image_window(str(image), task.read, bands, [0.0] * len(bands), [1.0] * len(bands))
+        t1 = time.perf_counter()
+        model_before = predictor.model_seconds
+        mask = predictor.predict_chunk(data, task, plan, "hann", "feed")
+        t2 = time.perf_counter()
+        write_mask_chunk(store, task.chunk, mask)
+        t3 = time.perf_counter()
+        seconds["read"] += t1 - t0
+        seconds["tile + stitch"] += (t2 - t1) - (predictor.model_seconds - model_before)
+        seconds["write"] += t3 - t2
+    spec = CountSpec(len(DEMO_CLASSES))
+    pred, lab = mask_raster(store), geotiff_raster(labels, (size, size), chunk)
+    t0 = time.perf_counter()
+    for task in plan.tasks():
+        block_counts(task.chunk, pred, lab, None, spec)
+    seconds["count"] = time.perf_counter() - t0
+    seconds["model (1x1 conv)"] = predictor.model_seconds
+    shutil.rmtree(store, ignore_errors=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    mpx = size * size / 1e6
+    rates = {k: mpx / v for k, v in seconds.items()}
+    host = ("read", "write", "count")
+    return {
+        "stage_mpx_per_s_per_core": {k: round(v, 1) for k, v in rates.items()},
+        "feed_mpx_per_s_per_core": round(mpx / sum(seconds[k] for k in ("read", "tile + stitch", "write", "count")), 1),
+        # on a GPU, tiling and stitching run on the device: the host's cores do the rest
+        "host_feed_mpx_per_s_per_core": round(mpx / sum(seconds[k] for k in host), 1),
+    }
+
+
+GPU_MODEL_ALONE = {  # Mpx/s on one H200, bf16, batch 64, tile 512 (../shared/gpu/README.md, 2026-11-30)
+    "hrnet_w48": 150, "hrnet_w18_small_v1": 972, "deeplabv3plus_resnet101": 344,
+}
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {gpu}"
+
+
+def end_to_end(args, data: Path, name: str, model: str, stitch: str, options: dict, cpus: int) -> dict:
+    """One scene through `run_job`, then the same lattice tiles through the model alone, in this process."""
+    import ray
+    import pyarrow.parquet as pq
+
+    from pipeline.cluster import connect
+    from pipeline.plan import plan_scene
+
+    job_dir = Path(args.out) / f"job_{args.size}_{model}_{stitch}"
+    shutil.rmtree(job_dir, ignore_errors=True)
+    spec = job_from_dict({
+        "scenes": [{"image": str(data / f"{name}.tif"), "labels": str(data / f"{name}_labels.tif")}],
+        "model": model, "model_options": options, "classes": DEMO_CLASSES, "tile_size": args.tile,
+        "overlap": args.overlap, "chunk_size": args.chunk, "stitch": stitch, "batch_size": args.batch,
+        "out": str(job_dir), "device": "auto",
+    })
+    started = time.perf_counter()
+    connect(None)
+    ray_start = time.perf_counter() - started
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        result = run_job(spec, show_progress=False)
+        wall = time.perf_counter() - t0
+    scene = result.scenes[0]
+    plan = plan_scene(args.size, args.size, tile=args.tile, overlap=args.overlap, chunk=spec.effective_chunk_size, mode=stitch)
+    n_tiles = len(plan.lattice)
+    report = pq.read_table(result.layout.reports / "scenes").to_pylist()[0]
+    ray.shutdown()
+    with PeakMemory() as mem_model:
+        alone = model_alone(result.model.source, n_tiles, args.tile, args.batch, cpus, stitch)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    mpx = args.size * args.size / 1e6
+    segmentation = scene.predict_seconds  # from the first read to the last write and count; actor start-up is apart
+    return {
+        "model": model, "width_multiplier": options.get("width_multiplier", 1.0), "scene": f"{args.size}x{args.size}",
+        "tile": args.tile, "overlap": args.overlap, "chunk": spec.effective_chunk_size, "stitch": stitch,
+        "batch": args.batch, "lattice_tiles": n_tiles, "tiles_touching_chunks": plan.tiles_touching_chunks,
+        "tiles_computed": report["tiles_computed"], "tiles_reused": report["tiles_reused"],
+        "ray_start_seconds": round(ray_start, 2), "actor_startup_seconds": round(result.startup_seconds, 2),
+        "pipeline_seconds_total": round(wall, 2), "pipeline_seconds_segmentation": round(segmentation, 2),
+        "model_alone_seconds": round(alone, 2),
+        "model_seconds_inside_actors": round(report["model_seconds"], 2),
+        "actor_busy_seconds": round(report["actor_busy_seconds"], 2),
+        "ratio_segmentation_vs_model": round(segmentation / alone, 3),
+        "ratio_total_vs_model": round(wall / alone, 3),
+        "pipeline_mpx_per_s": round(mpx / segmentation, 2), "job_mpx_per_s": round(mpx / wall, 2),
+        "model_mpx_per_s": round(mpx / alone, 2),
+        "peak_pss_pipeline_mib": round(mem.peak / 2**20), "peak_pss_model_alone_mib": round(mem_model.peak / 2**20),
+        "mean_iou_random_weights": scene.metrics.mean_iou if scene.metrics else None,
+    }
 
 
 def main() -> None:
@@ -108,72 +236,68 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=None, help="default: the job default (~2048, whole strides)")
-    ap.add_argument("--stitch", default="blend", choices=["blend", "crop"])
+    ap.add_argument("--stitch", nargs="+", default=["crop"], choices=["blend", "crop"])
     ap.add_argument("--batch", type=int, default=None, help="tiles per model call (default: automatic)")
+    ap.add_argument("--no-feed", action="store_true", help="skip the per-stage feed rates")
+    ap.add_argument("--no-probe", action="store_true", help="skip the end-to-end job with the per-pixel linear model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "output"))
     ap.add_argument("--record", default=str(ROOT / "benchmarks" / "results.jsonl"), help="append results here")
     args = ap.parse_args()
 
-    out = Path(args.out)
-    data = out / "data"
+    data = Path(args.out) / "data"
     name = f"bench_{args.size}"
     if not (data / f"{name}.tif").exists():
         write_synthetic_scene(data, name, args.size, args.size, seed=7)
-    job_dir = out / f"job_{args.size}_{args.stitch}"
-    shutil.rmtree(job_dir, ignore_errors=True)
+    from schemas.job import default_chunk_size
+
+    chunk = args.chunk or default_chunk_size(args.tile, args.overlap)
+    cpus = os.cpu_count() or 1
+    header = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "torch": torch.__version__, "commit": _commit()}
+    records = []
+    if not args.no_feed:
+        feed = feed_rates(data / f"{name}.tif", data / f"{name}_labels.tif", args.size, args.tile, args.overlap, chunk, args.stitch[0])
+        records.append({**header, "kind": "feed", "scene": f"{args.size}x{args.size}", "chunk": chunk, "stitch": args.stitch[0], **feed})
     options = {"width_multiplier": args.width_multiplier} if args.width_multiplier != 1.0 else {}
-    spec = job_from_dict({
-        "scenes": [{"image": str(data / f"{name}.tif"), "labels": str(data / f"{name}_labels.tif")}],
-        "model": args.model, "model_options": options, "classes": DEMO_CLASSES, "tile_size": args.tile,
-        "overlap": args.overlap, "chunk_size": args.chunk, "stitch": args.stitch, "batch_size": args.batch,
-        "out": str(job_dir), "device": "auto",
-    })
-    import ray
-
-    from pipeline.cluster import connect
-
-    connect(None)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    with PeakMemory() as mem:
-        t0 = time.perf_counter()
-        result = run_job(spec, show_progress=False)
-        wall = time.perf_counter() - t0
-    scene = result.scenes[0]
-    from pipeline.plan import plan_scene
-
-    plan = plan_scene(args.size, args.size, tile=args.tile, overlap=args.overlap, chunk=spec.effective_chunk_size, mode=args.stitch)
-    n_tiles = len(plan.lattice)
-    import pyarrow.parquet as pq
-
-    report = pq.read_table(result.layout.reports / "scenes").to_pylist()[0]
-    ray.shutdown()
-    with PeakMemory() as mem_model:
-        alone = model_alone(result.model.source, n_tiles, args.tile, args.batch, cpus, args.stitch)
-    mpx = args.size * args.size / 1e6
-    record = {
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
-        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
-        "torch": torch.__version__,
-        "model": args.model, "width_multiplier": args.width_multiplier, "scene": f"{args.size}x{args.size}",
-        "tile": args.tile, "overlap": args.overlap, "chunk": spec.effective_chunk_size, "stitch": args.stitch,
-        "batch": args.batch, "lattice_tiles": n_tiles, "tiles_touching_chunks": plan.tiles_touching_chunks,
-        "tiles_computed": report["tiles_computed"], "tiles_reused": report["tiles_reused"],
-        "actor_startup_seconds": round(result.startup_seconds, 2),
-        "pipeline_seconds_total": round(wall, 2), "pipeline_seconds_segmentation": round(scene.predict_seconds, 2),
-        "model_alone_seconds": round(alone, 2),
-        "model_seconds_inside_actors": round(report["model_seconds"], 2),
-        "actor_busy_seconds": round(report["actor_busy_seconds"], 2),
-        "ratio_segmentation_vs_model": round(scene.predict_seconds / alone, 3),
-        "ratio_total_vs_model": round(wall / alone, 3),
-        "pipeline_mpx_per_s": round(mpx / scene.predict_seconds, 3), "model_mpx_per_s": round(mpx / alone, 3),
-        "peak_pss_pipeline_mib": round(mem.peak / 2**20), "peak_pss_model_alone_mib": round(mem_model.peak / 2**20),
-        "mean_iou_random_weights": scene.metrics.mean_iou if scene.metrics else None,
-    }
-    for k, v in record.items():
-        print(f"{k:32s} {v}")
+    runs = [(args.model, s, options) for s in args.stitch]
+    if not args.no_probe:
+        runs.append(("pixel_linear", args.stitch[0], {}))
+    for model, stitch, opts in runs:
+        records.append({**header, "kind": "end_to_end", **end_to_end(args, data, name, model, stitch, opts, cpus)})
     with open(args.record, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    _print(records, cpus)
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _print(records: list[dict], cpus: int) -> None:
+    print(f"machine: {records[0]['machine']}  torch {records[0]['torch']}  commit {records[0]['commit']}  {records[0]['when']}")
+    for r in records:
+        if r["kind"] == "feed":
+            print(f"\nfeed rate, one core, {r['scene']} chunk {r['chunk']} ({r['stitch']}), Mpx/s per core:")
+            for stage, v in r["stage_mpx_per_s_per_core"].items():
+                print(f"  {stage:18s} {v:8.1f}")
+            print(f"  {'all but the model':18s} {r['feed_mpx_per_s_per_core']:8.1f}   (host stages only: {r['host_feed_mpx_per_s_per_core']})")
+            print("  cores one GPU needs to keep each model fed (host stages; model alone on one H200, batch 64):")
+            for model, rate in GPU_MODEL_ALONE.items():
+                print(f"    {model:26s} {rate:5d} Mpx/s -> {rate / r['host_feed_mpx_per_s_per_core']:5.1f} cores")
+    rows = [r for r in records if r["kind"] == "end_to_end"]
+    if rows:
+        print("\nend to end beside the model alone on the same tiles (segmentation = read + model + stitch + write + count):")
+        cols = ("model", "stitch", "scene", "model_mpx_per_s", "pipeline_mpx_per_s", "job_mpx_per_s",
+                "ratio_segmentation_vs_model", "ratio_total_vs_model", "model_seconds_inside_actors", "model_alone_seconds",
+                "peak_pss_pipeline_mib")
+        print("  " + " | ".join(cols))
+        for r in rows:
+            print("  " + " | ".join(str(r[c]) for c in cols))
 
 
 if __name__ == "__main__":

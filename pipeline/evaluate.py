@@ -41,6 +41,10 @@ __all__ = [
     "mask_raster",
     "probabilities_raster",
     "chunk_counts",
+    "CountSpec",
+    "chunk_windows",
+    "block_counts",
+    "reduce_counts",
     "dask_scheduler",
 ]
 
@@ -139,26 +143,65 @@ def _read_padded(raster: Raster, window: Window, depth: int) -> np.ndarray:
     return np.pad(data, pad, mode="constant", constant_values=OUTSIDE)
 
 
-def _block_counts(
-    window: Window,
-    pred: Raster,
-    labels: Raster | None,
-    probabilities: Raster | None,
-    *,
-    num_classes: int,
-    pred_values: list[int] | None,
-    label_values: list[int] | None,
-    ignore_index: int | None,
-    width: int,
-    trimap_max: int,
-    depth: int,
-) -> np.ndarray:
-    """Every count of one chunk, flattened: confusion, predicted, boundary, trimap, histograms."""
-    c = num_classes
+@dataclass(frozen=True)
+class CountSpec:
+    """What one chunk's counts are: the class list, how values map to classes, the bands, the histograms.
+
+    Small and picklable: a chunk task (Dask's, or a Ray task in a job's loop)
+    takes it with the chunk's window and computes :func:`block_counts`.
+    """
+
+    num_classes: int
+    labels: bool = True
+    probabilities: bool = False
+    pred_values: list[int] | None = None
+    label_values: list[int] | None = None
+    ignore_index: int | None = 255
+    boundary_width: int = 3
+    trimap_max: int = 10
+
+    @property
+    def depth(self) -> int:
+        """The halo a chunk reads beyond its edges for the boundary and trimap bands."""
+        return max(self.boundary_width, self.trimap_max, 1) if self.labels else 0
+
+    @property
+    def per_chunk_size(self) -> int:
+        """Counts kept per chunk: confusion, predicted, boundary (with labels), else predicted only."""
+        c = self.num_classes
+        return c * c + c + 3 * c if self.labels else c
+
+    @property
+    def size(self) -> int:
+        """Length of one chunk's flat count vector: the per-chunk part, then the parts only totals are kept of."""
+        c = self.num_classes
+        if not self.labels:
+            return c
+        return self.per_chunk_size + self.trimap_max * c * c + (2 * c * PROBABILITY_LEVELS if self.probabilities else 0)
+
+
+def chunk_windows(shape: tuple[int, int], chunks: tuple[int, int]) -> tuple[list[Window], tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The chunk windows of a raster, row-major, and the chunk sizes along each axis (Dask's convention)."""
+    sizes = da.core.normalize_chunks(chunks, shape)
+    windows = []
+    r0 = 0
+    for h in sizes[0]:
+        c0 = 0
+        for w in sizes[1]:
+            windows.append(Window(r0, c0, h, w))
+            c0 += w
+        r0 += h
+    return windows, sizes
+
+
+def block_counts(window: Window, pred: Raster, labels: Raster | None, probabilities: Raster | None, spec: CountSpec) -> np.ndarray:
+    """Every count of one chunk, flattened (``spec.size`` int64): confusion, predicted, boundary, trimap, histograms."""
+    c = spec.num_classes
+    depth = spec.depth
 
     def pred_indices(raw: np.ndarray) -> np.ndarray:
-        if pred_values is not None:
-            idx = class_indices(raw, c, ignore_index=None, label_values=pred_values)
+        if spec.pred_values is not None:
+            idx = class_indices(raw, c, ignore_index=None, label_values=spec.pred_values)
         else:
             idx = prediction_indices(raw, c)
         idx[raw == OUTSIDE] = OUTSIDE
@@ -169,19 +212,44 @@ def _block_counts(
         return np.bincount(p[p >= 0].astype(np.int64), minlength=c).astype(np.int64)
     p_pad = pred_indices(_read_padded(pred, window, depth))
     raw = _read_padded(labels, window, depth)
-    t_pad = class_indices(raw, c, ignore_index=ignore_index, label_values=label_values)
+    t_pad = class_indices(raw, c, ignore_index=spec.ignore_index, label_values=spec.label_values)
     t_pad[raw == OUTSIDE] = OUTSIDE
     inner = (slice(depth, depth + window.height), slice(depth, depth + window.width))
     truth, pred_idx = t_pad[inner], p_pad[inner]
     both = (truth >= 0) & (pred_idx >= 0)
     conf = np.bincount(truth[both].astype(np.int64) * c + pred_idx[both], minlength=c * c)
     predicted = np.bincount(pred_idx[pred_idx >= 0].astype(np.int64), minlength=c)
-    truth_band, pred_band, distance = decode_codes(band_codes(t_pad, p_pad, width=width, trimap_max=trimap_max, depth=depth))
+    codes = band_codes(t_pad, p_pad, width=spec.boundary_width, trimap_max=spec.trimap_max, depth=depth)
+    truth_band, pred_band, distance = decode_codes(codes)
     parts = [conf, predicted, boundary_counts(truth, pred_idx, truth_band, pred_band, c).ravel()]
-    parts.append(trimap_confusions(truth, pred_idx, distance, c, trimap_max).ravel())
+    parts.append(trimap_confusions(truth, pred_idx, distance, c, spec.trimap_max).ravel())
     if probabilities is not None:
         parts.append(probability_histograms(truth, pred_idx, probabilities.read(window, raw=True), c).ravel())
     return np.concatenate(parts).astype(np.int64)
+
+
+def reduce_counts(blocks: list, spec: CountSpec, sizes: tuple[tuple[int, ...], tuple[int, ...]], *, split_every: int = 8) -> ChunkCounts:
+    """Per-chunk counts and exact totals from every chunk's flat vector (row-major), by a Dask tree reduction.
+
+    ``blocks`` are arrays, or Dask arrays of shape (``spec.size``,) still to be computed.
+    """
+    c = spec.num_classes
+    ny, nx = len(sizes[0]), len(sizes[1])
+    small = spec.per_chunk_size
+    flat = da.stack([b if isinstance(b, da.Array) else da.from_array(np.asarray(b), chunks=-1) for b in blocks])
+    per_chunk, totals = dask.compute(flat[:, :small], flat[:, small:].sum(axis=0, split_every=split_every))
+    per_chunk = per_chunk.reshape(ny, nx, small)
+    if not spec.labels:
+        return ChunkCounts(None, per_chunk, per_chunk.sum(axis=2), None, chunks=sizes)
+    conf = per_chunk[..., : c * c].reshape(ny, nx, c, c)
+    predicted = per_chunk[..., c * c : c * c + c]
+    boundary = per_chunk[..., c * c + c :].reshape(ny, nx, 3, c)
+    trimap = totals[: spec.trimap_max * c * c].reshape(spec.trimap_max, c, c)
+    hist = totals[spec.trimap_max * c * c :].reshape(2, c, PROBABILITY_LEVELS) if spec.probabilities else None
+    return ChunkCounts(
+        conf, predicted, predicted.sum(axis=2), conf.sum(axis=(0, 1)), boundary, boundary.sum(axis=(0, 1)), trimap, hist,
+        spec.boundary_width, sizes,
+    )
 
 
 def chunk_counts(
@@ -206,46 +274,16 @@ def chunk_counts(
     default: the index). ``probabilities`` (C, H, W) uint8 add the PR
     histograms. ``chunks`` defaults to the prediction's own chunks.
     """
-    c = num_classes
     if labels is not None and (labels.height, labels.width) != (pred.height, pred.width):
         raise ValueError(f"labels {labels.shape} and prediction {pred.shape} differ in shape")
-    ch = chunks or pred.chunks
-    rows = da.core.normalize_chunks(ch, (pred.height, pred.width))
-    windows = []
-    r0 = 0
-    for h in rows[0]:
-        c0 = 0
-        for w in rows[1]:
-            windows.append(Window(r0, c0, h, w))
-            c0 += w
-        r0 += h
-    ny, nx = len(rows[0]), len(rows[1])
-    depth = max(boundary_width, trimap_max, 1) if labels is not None else 0
-    small = c * c + c + 3 * c if labels is not None else c
-    size = small + (trimap_max * c * c + (2 * c * PROBABILITY_LEVELS if probabilities is not None else 0) if labels is not None else 0)
-    task = dask.delayed(_block_counts, pure=True)
-    options = dict(
-        num_classes=c, pred_values=pred_values, label_values=label_values, ignore_index=ignore_index,
-        width=boundary_width, trimap_max=trimap_max, depth=depth,
+    spec = CountSpec(
+        num_classes, labels is not None, probabilities is not None and labels is not None, pred_values, label_values,
+        ignore_index, boundary_width, trimap_max,
     )
-    flat = da.stack(
-        [da.from_delayed(task(w, pred, labels, probabilities, **options), shape=(size,), dtype=np.int64) for w in windows]
-    )
-    per_chunk = flat[:, :small]
-    totals = flat[:, small:].sum(axis=0, split_every=split_every)
-    per_chunk, totals = dask.compute(per_chunk, totals)
-    per_chunk = per_chunk.reshape(ny, nx, small)
-    if labels is None:
-        return ChunkCounts(None, per_chunk, per_chunk.sum(axis=2), None, chunks=rows)
-    conf = per_chunk[..., : c * c].reshape(ny, nx, c, c)
-    predicted = per_chunk[..., c * c : c * c + c]
-    boundary = per_chunk[..., c * c + c :].reshape(ny, nx, 3, c)
-    trimap = totals[: trimap_max * c * c].reshape(trimap_max, c, c)
-    hist = totals[trimap_max * c * c :].reshape(2, c, PROBABILITY_LEVELS) if probabilities is not None else None
-    return ChunkCounts(
-        conf, predicted, predicted.sum(axis=2), conf.sum(axis=(0, 1)), boundary, boundary.sum(axis=(0, 1)), trimap, hist,
-        boundary_width, rows,
-    )
+    windows, sizes = chunk_windows((pred.height, pred.width), chunks or pred.chunks)
+    task = dask.delayed(block_counts, pure=True)
+    blocks = [da.from_delayed(task(w, pred, labels, probabilities, spec), shape=(spec.size,), dtype=np.int64) for w in windows]
+    return reduce_counts(blocks, spec, sizes, split_every=split_every)
 
 
 def dask_scheduler(use_ray: bool):

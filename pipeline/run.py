@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline import __version__
 from pipeline.boundary import boundary_width_for
 from pipeline.cluster import connect
-from pipeline.evaluate import chunk_counts, dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
+from pipeline.evaluate import dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
 from pipeline.geometry import ChunkGrid
 from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.overviews import write_overviews
@@ -218,6 +218,66 @@ def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: 
     return max(1, min(strip, -(-cols // n_actors)))
 
 
+class _ChunkCounting:
+    """Counts each chunk in a Ray task as soon as it and its halo's chunks are written, not in a second pass.
+
+    The counts are the ones `satseg evaluate` computes (`pipeline.evaluate.block_counts`,
+    on the same chunk grid), so they equal the whole-scene computation; Dask reduces them at the end.
+    """
+
+    def __init__(self, plan: ScenePlan, store: Path, scene: SceneSpec, spec: JobSpec, num_classes: int, written: set):
+        import ray
+
+        from pipeline.evaluate import CountSpec, block_counts, chunk_windows
+
+        self.plan, self.rows, self.cols = plan, *plan.grid.shape
+        labels = scene.labels is not None
+        self.spec = CountSpec(
+            num_classes, labels, spec.save_probabilities and labels, None, spec.label_values, spec.ignore_index,
+            boundary_width_for(plan.height, plan.width, pixels=spec.boundary_width, ratio=spec.boundary_ratio),
+            spec.trimap_max_width,
+        )
+        self.windows, self.sizes = chunk_windows((plan.height, plan.width), (plan.grid.chunk, plan.grid.chunk))
+        self.rasters = (
+            mask_raster(store),
+            geotiff_raster(scene.labels, (plan.height, plan.width), plan.grid.chunk) if labels else None,
+            probabilities_raster(store) if self.spec.probabilities else None,
+        )
+        self.reach = -(-self.spec.depth // plan.grid.chunk)  # chunks a halo reaches into
+        self._task = ray.remote(max_retries=3)(block_counts)
+        self._written = set(written)
+        self._refs: dict[tuple[int, int], object] = {}
+        for rc in sorted(self._written):
+            self._submit_ready(*rc)
+
+    def _around(self, r: int, c: int):
+        k = self.reach
+        for rr in range(max(0, r - k), min(self.rows, r + k + 1)):
+            for cc in range(max(0, c - k), min(self.cols, c + k + 1)):
+                yield rr, cc
+
+    def _submit_ready(self, r: int, c: int) -> None:
+        for n in self._around(r, c):
+            if n not in self._refs and n in self._written and all(m in self._written for m in self._around(*n)):
+                self._refs[n] = self._task.remote(self.windows[n[0] * self.cols + n[1]], *self.rasters, self.spec)
+
+    def written(self, r: int, c: int) -> None:
+        self._written.add((r, c))
+        self._submit_ready(r, c)
+
+    def result(self):
+        """Every chunk's counts (all chunks must be written), reduced by Dask."""
+        import ray
+
+        from pipeline.evaluate import reduce_counts
+
+        order = [(r, c) for r in range(self.rows) for c in range(self.cols)]
+        missing = [rc for rc in order if rc not in self._refs]
+        if missing:
+            raise RuntimeError(f"chunks {missing[:3]} were never counted: not every chunk was written")
+        return reduce_counts(ray.get([self._refs[rc] for rc in order]), self.spec, self.sizes)
+
+
 def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress) -> SceneResult:
     import ray
 
@@ -249,10 +309,10 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     limit = spec.max_windows_in_flight or 2 * len(actors) + 1
     read_spread = read_window_task.options(scheduling_strategy="SPREAD")  # reads run on every node
     bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(plan.grid) - len(tasks))
+    counting = _ChunkCounting(plan, store, scene, spec, len(model.class_names), {tuple(map(int, k.split("."))) for k in done})
     before = ray.get([a.stats.remote() for a in actors])
     in_flight: dict = {}
     queue = iter(tasks)
-    submitted = 0
     exhausted = False
     while not exhausted or in_flight:
         while not exhausted and len(in_flight) < limit:
@@ -264,27 +324,20 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
             actor = actors[(task.col // strip) % len(actors)]  # one strip, one actor: shared tiles are reused
             mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
             in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task
-            submitted += 1
         if in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 ray.get(ref)
-                in_flight.pop(ref)
+                task = in_flight.pop(ref)
+                counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
                 progress.advance(bar)
     predict_seconds = time.perf_counter() - t0
     after = ray.get([a.stats.remote() for a in actors])
     spent = {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
 
     ev = progress.add_task(f"{name} evaluate", total=1)
-    mask_r = mask_raster(store)
-    labels_r = geotiff_raster(scene.labels, (info.height, info.width), chunk) if labels is not None else None
-    probs_r = probabilities_raster(store) if spec.save_probabilities else None
-    width = boundary_width_for(info.height, info.width, pixels=spec.boundary_width, ratio=spec.boundary_ratio)
     with dask.config.set(scheduler=dask_scheduler(use_ray_dask)):
-        counts = chunk_counts(
-            mask_r, labels_r, len(model.class_names), ignore_index=spec.ignore_index, label_values=spec.label_values,
-            probabilities=probs_r, boundary_width=width, trimap_max=spec.trimap_max_width,
-        )
+        counts = counting.result()
         write_overviews(store)  # after the last chunk, before the scene is marked complete
     scores = None
     if counts.total_confusion is not None:
@@ -305,7 +358,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "class_names": model.class_names,
         "crs": info.crs,
         "valid_pixels": int(counts.valid.sum()),
-        "boundary_width": width if labels is not None else None,
+        "boundary_width": counting.spec.boundary_width if labels is not None else None,
         "probabilities": f"{store}/probabilities" if spec.save_probabilities else None,
         "label_values": spec.label_values,
         "mask_label_values": False,

@@ -11,6 +11,7 @@ from workers.models.registry import TILE_MULTIPLE, check_tile
 
 HRNETS = ["hrnet_w18_small_v1", "hrnet_w18_small_v2", "hrnet_w18", "hrnet_w32", "hrnet_w48"]
 DEEPLABS = ["deeplabv3plus_resnet50", "deeplabv3plus_resnet101"]
+BASELINES = ["pixel_linear"]
 
 # Published HRNetV2 sizes (HRNet-Semantic-Segmentation) and DeepLabV3+ sizes, 3 bands, 19 classes.
 PARAMETERS = {
@@ -21,6 +22,7 @@ PARAMETERS = {
     "hrnet_w48": 65_859_379,
     "deeplabv3plus_resnet50": 40_351_667,
     "deeplabv3plus_resnet101": 59_343_795,
+    "pixel_linear": 3 * 19 + 19,  # one 1x1 convolution with bias
 }
 RESNET_BACKBONE_PARAMETERS = {"deeplabv3plus_resnet50": 23_508_032, "deeplabv3plus_resnet101": 42_500_160}
 
@@ -40,7 +42,7 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def test_registry_lists_every_family():
-    assert sorted(list_models()) == sorted(HRNETS + DEEPLABS)
+    assert sorted(list_models()) == sorted(HRNETS + DEEPLABS + BASELINES)
 
 
 @pytest.mark.parametrize("name", list_models())

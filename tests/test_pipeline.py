@@ -55,6 +55,12 @@ def test_mask_is_identical_for_other_chunk_sizes_and_actor_counts(ray_local, odd
         assert np.array_equal(stored_mask(other), reference), f"chunk {chunk} with {actors} actors differs"
 
 
+def test_mask_is_identical_for_other_batch_sizes(ray_local, odd_scene, tmp_path, blend_run):
+    for batch in (1, 3):
+        other = run_job(job(odd_scene, tmp_path / f"b{batch}", batch_size=batch), show_progress=False)
+        assert np.array_equal(stored_mask(other), stored_mask(blend_run)), f"batch {batch} differs"
+
+
 @pytest.mark.parametrize("mode", ["blend", "crop"])
 def test_mask_equals_whole_image_sliding_window(ray_local, odd_scene, tmp_path, mode):
     spec = job(odd_scene, tmp_path / mode, stitch=mode)

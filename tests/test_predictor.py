@@ -203,6 +203,34 @@ def test_run_flags_set_tta_compile_and_batch_size_and_override_a_job_file(tmp_pa
     assert parse_run(str(job), "--tta", "none").tta == "none"
 
 
+# ---- fixed-shape model calls ---------------------------------------------------------------------
+
+
+class ShapeRecorder(Small):
+    """The small net, noting the shape of every batch it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("classes", [False, True])
+def test_every_model_call_has_one_shape_and_a_tiles_output_does_not_depend_on_its_batch(classes):
+    torch.manual_seed(0)
+    module = ShapeRecorder().eval()
+    p = TilePredictor.from_module(module, 5, device="cpu", batch_size=4)
+    x = tiles(n=7)
+    together = p.predict_batch(x, classes=classes)
+    alone = np.concatenate([p.predict_batch(x[i : i + 1], classes=classes) for i in range(7)])
+    assert set(module.shapes) == {(4, 4, 32, 32)}  # 7 tiles: a full call and a padded one; 1 tile: padded
+    assert len(together) == 7 and np.array_equal(together, alone)
+    assert p.stats()["tiles_predicted"] == 14  # padding is not counted
+
+
 # ---- torch.compile -------------------------------------------------------------------------------
 
 

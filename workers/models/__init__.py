@@ -1,9 +1,9 @@
-"""Segmentation models in plain PyTorch (HRNetV2, DeepLabV3+), their registry and checkpoints.
+"""Segmentation models in plain PyTorch (HRNetV2, DeepLabV3+, a per-pixel linear baseline), their registry and checkpoints.
 
 Importing this package registers every model family, so ``create_model`` knows them all.
 """
 
-from workers.models import deeplab, hrnet  # noqa: F401  (importing registers the models)
+from workers.models import baseline, deeplab, hrnet  # noqa: F401  (importing registers the models)
 from workers.models.checkpoint import (
     Checkpoint,
     build_from_checkpoint,
