@@ -22,7 +22,6 @@ whole-scene computation.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from schemas.errors import SpecError
 
@@ -61,11 +60,17 @@ def _grow(a: np.ndarray, op) -> np.ndarray:
 
 
 def inner_band(padded: np.ndarray, neutral: np.ndarray, width: int, depth: int) -> np.ndarray:
-    """Pixels of the block's centre within ``width`` of another (non-neutral) value or of the scene edge."""
+    """Pixels of the block's centre within ``width`` of another (non-neutral) value or of the scene edge.
+
+    The (2 width + 1)^2 max and min filters are ``width`` 3x3 steps: on int16
+    blocks that is several times faster than scipy's filters, with the same result.
+    """
     a = padded.astype(np.int16, copy=False)
-    size = 2 * width + 1
-    high = ndimage.maximum_filter(np.where(neutral, _LOW, a), size=size, mode="nearest")
-    low = ndimage.minimum_filter(np.where(neutral, _HIGH, a), size=size, mode="nearest")
+    high = np.where(neutral, _LOW, a)
+    low = np.where(neutral, _HIGH, a)
+    for _ in range(width):
+        high = _grow(high, np.maximum)
+        low = _grow(low, np.minimum)
     band = (high != low) & (high >= low)  # a window of neutral pixels only is no band
     return band[depth : band.shape[0] - depth, depth : band.shape[1] - depth]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from workers.predictor import ModelSource
 from workers.reader import SceneInfo, check_bands, check_labels_match, open_scene
 
 __all__ = ["ResolvedModel", "SceneResult", "JobResult", "resolve_model", "run_job"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,10 +196,12 @@ def _actors(spec: JobSpec, source: ModelSource):
         opts = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": 2}
         threads = None
     else:
-        # CPU actors reserve no CPU slot, so read and write tasks always find one; torch
-        # threads share the node's cores among the actors instead.
+        # One single-threaded actor per core by default: torch's threads wait for each other by
+        # spinning, so two threads on two cores ran 2.7x slower whenever a read or write task took
+        # a core, and gave only 1.3x one thread's speed even alone; two one-thread actors give
+        # 1.65x (BENCHMARKS.md). CPU actors reserve no CPU slot, so read and write tasks always find one.
         cpus = max(1, int(resources.get("CPU", 1)))
-        n = spec.num_actors or 1
+        n = spec.num_actors or cpus
         opts = {"num_gpus": 0, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
         threads = max(1, cpus // n)
     cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
@@ -206,6 +211,10 @@ def _actors(spec: JobSpec, source: ModelSource):
         for _ in range(n)
     ]
     ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
+    # Each actor picks its call shape now, while idle (on a GPU it measures memory): the same on the same kind of device.
+    sizes = set(ray.get([a.batch_size_for.remote(source.in_channels, spec.tile_size) for a in actors]))
+    if len(sizes) > 1:
+        log.warning("actors chose different batch sizes %s (different GPUs?): their chunks may differ in the last bits", sorted(sizes))
     return actors
 
 

@@ -33,6 +33,7 @@ def job(odd_scene, out, **over):
         "chunk_size": 100,
         "batch_size": 4,
         "stitch": "blend",
+        "num_actors": 1,  # the default is one per core; tests that need more say so
         "out": str(out),
     }
     spec.update(over)
