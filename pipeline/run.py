@@ -210,12 +210,12 @@ def _actors(spec: JobSpec, source: ModelSource):
         cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads, tta=spec.tta, compile=spec.compile)
         for _ in range(n)
     ]
-    ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
+    nodes = ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
     # Each actor picks its call shape now, while idle (on a GPU it measures memory): the same on the same kind of device.
     sizes = set(ray.get([a.batch_size_for.remote(source.in_channels, spec.tile_size) for a in actors]))
     if len(sizes) > 1:
         log.warning("actors chose different batch sizes %s (different GPUs?): their chunks may differ in the last bits", sorted(sizes))
-    return actors
+    return [(a, n["node_id"]) for a, n in zip(actors, nodes)]
 
 
 def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: int = 1 << 30) -> int:
@@ -316,10 +316,13 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     strip = _strip_width(plan, len(model.class_names), len(actors))
     tasks = [t for t in (plan.task(r, c) for r, c in plan.strip_order(strip)) if t.key not in done]
     limit = spec.max_windows_in_flight or 2 * len(actors) + 1
-    read_spread = read_window_task.options(scheduling_strategy="SPREAD")  # reads run on every node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # a chunk is read on its actor's node, so windows never cross the network (elsewhere only if that node is gone)
+    reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
     bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(plan.grid) - len(tasks))
     counting = _ChunkCounting(plan, store, scene, spec, len(model.class_names), {tuple(map(int, k.split("."))) for k in done})
-    before = ray.get([a.stats.remote() for a in actors])
+    before = ray.get([a.stats.remote() for a, _ in actors])
     in_flight: dict = {}
     queue = iter(tasks)
     exhausted = False
@@ -329,8 +332,9 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
             if task is None:
                 exhausted = True
                 break
-            data = read_spread.remote(str(scene.image), task.read, bands, mean, std)
-            actor = actors[(task.col // strip) % len(actors)]  # one strip, one actor: shared tiles are reused
+            k = (task.col // strip) % len(actors)  # one strip, one actor: shared tiles are reused
+            data = reads[k].remote(str(scene.image), task.read, bands, mean, std)
+            actor = actors[k][0]
             mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
             in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task
         if in_flight:
@@ -341,7 +345,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
                 counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
                 progress.advance(bar)
     predict_seconds = time.perf_counter() - t0
-    after = ray.get([a.stats.remote() for a in actors])
+    after = ray.get([a.stats.remote() for a, _ in actors])
     spent = {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
 
     ev = progress.add_task(f"{name} evaluate", total=1)
@@ -474,7 +478,7 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
     if actors:
         import ray
 
-        for a in actors:
+        for a, _ in actors:
             ray.kill(a)
     _write_aggregates(layout, job_id)
     unexpected = [err for _, err in failures if user_error(err) is None]

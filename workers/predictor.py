@@ -411,7 +411,11 @@ class TilePredictor:
         }
 
     def node(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.device), "tta": self.tta, "compiled": self.compiled}
+        """Where this predictor runs: process, Ray node (None outside Ray), device, and how it predicts."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "node_id": node_id, "device": str(self.device), "tta": self.tta, "compiled": self.compiled}
 
 
 def _first_line(err: BaseException) -> str:

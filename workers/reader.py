@@ -182,11 +182,11 @@ def _padded_read(src, window: Window, indexes) -> tuple[np.ndarray, np.ndarray]:
     rw = RioWindow(c0, r0, c1 - c0, r1 - r0)
     data = src.read(indexes, window=rw)
     valid = _valid_mask(src, indexes, data, rw)
-    if isinstance(take_r, np.ndarray) or isinstance(take_c, np.ndarray):
-        rr = take_r if isinstance(take_r, np.ndarray) else np.arange(r1 - r0)
-        cc = take_c if isinstance(take_c, np.ndarray) else np.arange(c1 - c0)
-        take = np.ix_(rr, cc)
-        data, valid = data[(slice(None), *take)], valid[take]
+    # one axis at a time: whole rows are copied as blocks, and only the columns gathered
+    if isinstance(take_r, np.ndarray):
+        data, valid = np.take(data, take_r, axis=1), np.take(valid, take_r, axis=0)
+    if isinstance(take_c, np.ndarray):
+        data, valid = np.take(data, take_c, axis=2), np.take(valid, take_c, axis=1)
     return data, valid
 
 
