@@ -210,7 +210,11 @@ def _actors(spec: JobSpec, source: ModelSource):
         cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads, tta=spec.tta, compile=spec.compile)
         for _ in range(n)
     ]
+    from workers.tasks import warm_up_task
+
+    warm = [warm_up_task.remote() for _ in range(max(1, int(resources.get("CPU", 1))))]  # task workers import while models build
     nodes = ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
+    ray.get(warm)
     # Each actor picks its call shape now, while idle (on a GPU it measures memory): the same on the same kind of device.
     sizes = set(ray.get([a.batch_size_for.remote(source.in_channels, spec.tile_size) for a in actors]))
     if len(sizes) > 1:

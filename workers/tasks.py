@@ -12,7 +12,7 @@ from pipeline.geometry import Window
 from workers.reader import WindowData, read_image_window
 from workers.writer import mark_chunk_done, write_mask_chunk, write_probabilities_chunk
 
-__all__ = ["read_window_task", "write_chunk_task"]
+__all__ = ["read_window_task", "write_chunk_task", "warm_up_task"]
 
 
 @ray.remote(max_retries=3)
@@ -28,3 +28,11 @@ def write_chunk_task(store: str, window: Window, mask: np.ndarray | tuple, marke
         write_probabilities_chunk(Path(store), window, probabilities)
     write_mask_chunk(Path(store), window, mask)
     mark_chunk_done(Path(markers), key)
+
+
+@ray.remote
+def warm_up_task() -> int:
+    """Nothing but this module's imports (GDAL, Zarr): run while the models build, so the first read starts at once."""
+    import pipeline.evaluate  # noqa: F401  (what the counting tasks import)
+
+    return 0
