@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -318,36 +319,37 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     mean = model.mean or [0.0] * len(bands)
     std = model.std or [1.0] * len(bands)
     strip = _strip_width(plan, len(model.class_names), len(actors))
-    tasks = [t for t in (plan.task(r, c) for r, c in plan.strip_order(strip)) if t.key not in done]
-    limit = spec.max_windows_in_flight or 2 * len(actors) + 1
+    # One strip, one actor (its shared tiles are reused); each actor has its own queue, so every actor
+    # is fed from the start rather than strip after strip.
+    queues: list[deque] = [deque() for _ in actors]
+    for task in (plan.task(r, c) for r, c in plan.strip_order(strip)):
+        if task.key not in done:
+            queues[(task.col // strip) % len(actors)].append(task)
+    per_actor = -(-(spec.max_windows_in_flight or 2 * len(actors) + 1) // len(actors))
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # a chunk is read on its actor's node, so windows never cross the network (elsewhere only if that node is gone)
     reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
-    bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(plan.grid) - len(tasks))
+    bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(done))
     counting = _ChunkCounting(plan, store, scene, spec, len(model.class_names), {tuple(map(int, k.split("."))) for k in done})
     before = ray.get([a.stats.remote() for a, _ in actors])
     in_flight: dict = {}
-    queue = iter(tasks)
-    exhausted = False
-    while not exhausted or in_flight:
-        while not exhausted and len(in_flight) < limit:
-            task = next(queue, None)
-            if task is None:
-                exhausted = True
-                break
-            k = (task.col // strip) % len(actors)  # one strip, one actor: shared tiles are reused
-            data = reads[k].remote(str(scene.image), task.read, bands, mean, std)
-            actor = actors[k][0]
-            mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
-            in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = task
-        if in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                ray.get(ref)
-                task = in_flight.pop(ref)
-                counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
-                progress.advance(bar)
+    busy = [0] * len(actors)
+    while in_flight or any(queues):
+        for k, (actor, _) in enumerate(actors):
+            while queues[k] and busy[k] < per_actor:
+                task = queues[k].popleft()
+                data = reads[k].remote(str(scene.image), task.read, bands, mean, std)
+                mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
+                in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = (task, k)
+                busy[k] += 1
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            ray.get(ref)
+            task, k = in_flight.pop(ref)
+            busy[k] -= 1
+            counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
+            progress.advance(bar)
     predict_seconds = time.perf_counter() - t0
     after = ray.get([a.stats.remote() for a, _ in actors])
     spent = {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}

@@ -314,7 +314,11 @@ class TilePredictor:
         """
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            x = self._device_tensor(data.pixels).to(torch.float32, copy=True)
+            pixels = data.pixels
+            if pixels.dtype == np.uint16:  # sent as int16 bits: not every CUDA build of torch converts uint16
+                x = (self._device_tensor(pixels.view(np.int16)).to(torch.int32) & 0xFFFF).to(torch.float32)
+            else:
+                x = self._device_tensor(pixels).to(torch.float32, copy=True)
             has_data = self._device_tensor(data.has_data)
             norm = self._device_tensor(np.asarray([data.mean, data.std], dtype=np.float32))
             normalise(x, has_data, norm[0], norm[1])
