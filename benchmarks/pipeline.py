@@ -92,36 +92,54 @@ class PeakMemory:
         self._thread.join()
 
 
-def model_alone(source: ModelSource, n_tiles: int, tile: int, batch: int | None, threads: int, mode: str) -> float:
-    """Seconds for ``n_tiles`` tiles through the model on its device (warm), in the pipeline's fixed-shape calls.
-
-    Tiles are on the device already and the outputs stay there (softmax for
-    blend, class maps for crop): the model's own ceiling, with no copies.
-    """
+def _warm_predictor(source: ModelSource, tile: int, batch: int | None, threads: int, mode: str) -> tuple[TilePredictor, torch.Tensor]:
+    """A predictor with its model built and warmed up, and one full batch of tiles on its device."""
     predictor = TilePredictor(source, device="auto", batch_size=batch, threads=threads)
     size = predictor.batch_size_for(source.in_channels, tile)
     with torch.inference_mode():
         x = torch.randn((size, source.in_channels, tile, tile), generator=torch.Generator().manual_seed(0)).to(predictor.device)
-        predictor._outputs(x, mode == "crop")  # warm-up
+        predictor._outputs(x, mode == "crop")
+    return predictor, x
+
+
+def _time_tiles(predictor: TilePredictor, x: torch.Tensor, n_tiles: int, mode: str) -> float:
+    """Seconds for ``n_tiles`` tiles through the model on its device, in the pipeline's fixed-shape calls.
+
+    Tiles are on the device already and the outputs stay there (probabilities
+    for blend, class maps for crop): the model's own ceiling, with no copies.
+    """
+    with torch.inference_mode():
         t0 = time.perf_counter()
         done = 0
         while done < n_tiles:
-            k = min(size, n_tiles - done)
+            k = min(len(x), n_tiles - done)
             predictor._outputs(x[:k], mode == "crop")
             done += k
     return time.perf_counter() - t0
 
 
-def _one_core_share(args: tuple) -> float:
+def model_alone(source: ModelSource, n_tiles: int, tile: int, batch: int | None, threads: int, mode: str) -> float:
+    """Seconds for ``n_tiles`` tiles through the model alone in this process (warm)."""
+    predictor, x = _warm_predictor(source, tile, batch, threads, mode)
+    return _time_tiles(predictor, x, n_tiles, mode)
+
+
+def _one_core_share(args: tuple) -> tuple[float, float]:
     source, n_tiles, tile, batch, mode, barrier = args
     torch.set_num_threads(1)
-    model_alone(source, 1, tile, batch, 1, mode)  # build and warm up before the clock
+    predictor, x = _warm_predictor(source, tile, batch, 1, mode)  # built and warm before the clock
     barrier.wait()
-    return model_alone(source, n_tiles, tile, batch, 1, mode)
+    start = time.time()
+    _time_tiles(predictor, x, n_tiles, mode)
+    return start, time.time()
 
 
 def model_alone_per_core(source: ModelSource, n_tiles: int, tile: int, batch: int | None, cores: int, mode: str) -> float:
-    """Seconds for ``n_tiles`` tiles split over one single-threaded process per core, started together: the CPU's best."""
+    """Wall seconds for ``n_tiles`` tiles split over one single-threaded process per core: the CPU's best.
+
+    Every process builds and warms its model, waits at a barrier, then runs its
+    share; the time is from the first start to the last finish.
+    """
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -129,9 +147,9 @@ def model_alone_per_core(source: ModelSource, n_tiles: int, tile: int, batch: in
     barrier = manager.Barrier(cores)
     shares = [n_tiles // cores + (i < n_tiles % cores) for i in range(cores)]
     with ctx.Pool(cores) as pool:
-        times = pool.map(_one_core_share, [(source, k, tile, batch, mode, barrier) for k in shares])
+        spans = pool.map(_one_core_share, [(source, k, tile, batch, mode, barrier) for k in shares])
     manager.shutdown()
-    return max(times)
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def feed_rates(image: Path, labels: Path, size: int, tile: int, overlap: int, chunk: int, stitch: str) -> dict:
@@ -235,7 +253,7 @@ def end_to_end(args, data: Path, name: str, model: str, stitch: str, options: di
             alone, alone_how = per_core, f"{cpus} processes, 1 thread each"
     shutil.rmtree(job_dir, ignore_errors=True)
     mpx = args.size * args.size / 1e6
-    segmentation = scene.predict_seconds  # from the first read to the last write and count; actor start-up is apart
+    segmentation = scene.predict_seconds  # from the first read to the last write (counting runs alongside); start-up apart
     return {
         "model": model, "width_multiplier": options.get("width_multiplier", 1.0), "scene": f"{args.size}x{args.size}",
         "tile": args.tile, "overlap": args.overlap, "chunk": spec.effective_chunk_size, "stitch": stitch,
@@ -318,7 +336,8 @@ def _print(records: list[dict], cpus: int) -> None:
                 print(f"    {model:26s} {rate:5d} Mpx/s -> {rate / r['host_feed_mpx_per_s_per_core']:5.1f} cores")
     rows = [r for r in records if r["kind"] == "end_to_end"]
     if rows:
-        print("\nend to end beside the model alone on the same tiles (segmentation = read + model + stitch + write + count):")
+        print("\nend to end beside the model alone on the same tiles (segmentation: first read to last write, counting alongside;")
+        print("job: actor start-up, segmentation, the rest of the counting, overviews, reports; Ray's own start apart):")
         cols = ("model", "stitch", "scene", "model_mpx_per_s", "pipeline_mpx_per_s", "job_mpx_per_s",
                 "ratio_segmentation_vs_model", "ratio_total_vs_model", "model_seconds_inside_actors", "model_alone_seconds",
                 "peak_pss_pipeline_mib")

@@ -223,6 +223,14 @@ def _actors(spec: JobSpec, source: ModelSource):
     return [(a, n["node_id"]) for a, n in zip(actors, nodes)]
 
 
+def _actor_for(row: int, col: int, plan: ScenePlan, strip: int, n_actors: int) -> int:
+    """The actor of a chunk: one per strip of ``strip`` columns; with more actors than strips, strips split into row bands."""
+    rows, cols = plan.grid.shape
+    strips = -(-cols // strip)
+    bands = max(1, n_actors // strips)
+    return ((col // strip) * bands + row // -(-rows // bands)) % n_actors
+
+
 def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: int = 1 << 30) -> int:
     """Chunk columns per strip: the tiles a strip shares between chunk rows fit half the actor's tile cache."""
     cols = plan.grid.shape[1]
@@ -322,22 +330,24 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     # One strip, one actor (its shared tiles are reused); each actor has its own queue, so every actor
     # is fed from the start rather than strip after strip.
     queues: list[deque] = [deque() for _ in actors]
+    written = {(r, c) for r, c in plan.grid if f"{r}.{c}" in done}
     for task in (plan.task(r, c) for r, c in plan.strip_order(strip)):
-        if task.key not in done:
-            queues[(task.col // strip) % len(actors)].append(task)
-    per_actor = -(-(spec.max_windows_in_flight or 2 * len(actors) + 1) // len(actors))
+        if (task.row, task.col) not in written:
+            queues[_actor_for(task.row, task.col, plan, strip, len(actors))].append(task)
+    limit = spec.max_windows_in_flight or 2 * len(actors) + 1
+    per_actor = -(-limit // len(actors))
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # a chunk is read on its actor's node, so windows never cross the network (elsewhere only if that node is gone)
     reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
-    bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(done))
-    counting = _ChunkCounting(plan, store, scene, spec, len(model.class_names), {tuple(map(int, k.split("."))) for k in done})
+    bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(written))
+    counting = _ChunkCounting(plan, store, scene, spec, len(model.class_names), written)
     before = ray.get([a.stats.remote() for a, _ in actors])
     in_flight: dict = {}
     busy = [0] * len(actors)
     while in_flight or any(queues):
         for k, (actor, _) in enumerate(actors):
-            while queues[k] and busy[k] < per_actor:
+            while queues[k] and busy[k] < per_actor and len(in_flight) < limit:
                 task = queues[k].popleft()
                 data = reads[k].remote(str(scene.image), task.read, bands, mean, std)
                 mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
@@ -393,7 +403,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "tiles_lattice": len(plan.lattice),
         "tiles_computed": spent["tiles_predicted"],
         "tiles_reused": spent["tiles_reused"],
-        "chunks_resumed": len(done),
+        "chunks_resumed": len(written),
         "seconds": seconds,
         "predict_seconds": predict_seconds,
         "model_seconds": spent["model_seconds"],
@@ -411,7 +421,7 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     layout.scene_done(name).parent.mkdir(parents=True, exist_ok=True)
     layout.scene_done(name).write_text(json.dumps({"job_id": job_id, "finished_at": row["finished_at"].isoformat()}))
     return SceneResult(
-        name, info, store, metrics, seconds, predict_seconds, row["megapixels_per_second"] or 0.0, len(plan.grid), len(done),
+        name, info, store, metrics, seconds, predict_seconds, row["megapixels_per_second"] or 0.0, len(plan.grid), len(written),
         scores=scores,
     )
 

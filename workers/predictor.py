@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -230,14 +229,13 @@ class TilePredictor:
             total = y if total is None else total + y
         return total / len(self._transforms) if len(self._transforms) > 1 else total
 
-    def _device_tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A host array on the model's device: through pinned memory and an asynchronous copy on a GPU."""
-        with warnings.catch_warnings():  # arrays from Ray's object store are read-only; nothing writes to this view
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            host = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A copy of a host array (Ray's are read-only) on the device: on a GPU through pinned memory, asynchronously."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.array(array))
+        staging = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, pin_memory=True)
+        staging.numpy()[...] = array
+        return staging.to(self.device, non_blocking=True)
 
     def _outputs(self, x: torch.Tensor, classes: bool) -> torch.Tensor:
         """Probabilities (N, C, T, T) float32, or class maps (N, T, T) uint8, of tiles already on the device.
@@ -256,19 +254,21 @@ class TilePredictor:
             if len(part) < size:
                 part = torch.cat([part, part.new_zeros((size - len(part), *part.shape[1:]))])
             logits = self.logits(part)[: min(size, n - i)]
-            # argmax of the logits, class by class: over NCHW's class axis torch's argmax is ~7x slower on CPU
-            outs.append(class_argmax(logits.transpose(0, 1)) if classes else torch.softmax(logits, dim=1))
+            probs = torch.softmax(logits, dim=1)
+            # class maps are the argmax of the probabilities, as in blend and in the whole-image reference
+            # (two logits an ulp apart can round to one probability); class by class, not over NCHW's slow axis
+            outs.append(class_argmax(probs.transpose(0, 1)) if classes else probs)
         self.tiles_predicted += n
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # so model_seconds is the model's time, not the launches'
+            torch.cuda.current_stream(self.device).synchronize()  # model_seconds is the model's time, not the launches'
         self.model_seconds += time.perf_counter() - started
         return out
 
     def predict_batch(self, batch: np.ndarray, *, classes: bool = False) -> np.ndarray:
         """Probabilities (N, C, T, T) float32, or class maps (N, T, T) uint8, of a host batch of normalised tiles."""
         with torch.inference_mode():
-            x = self._device_tensor(batch).float()
+            x = self._to_device(batch).float()
             return self._outputs(x, classes).cpu().numpy()
 
     def batch_size_for(self, channels: int, tile: int) -> int:
@@ -294,6 +294,15 @@ class TilePredictor:
             self._auto_batch[key] = size
         return self._auto_batch[key]
 
+    def _choose_batch_size(self, channels: int, tile: int) -> None:
+        """Pick the call shape before any upload: on a GPU it is measured, and no other call may allocate meanwhile.
+
+        (A restarted actor picks it again in its first call; the other call waits here rather than uploading.)
+        """
+        if self.batch_size is None and (channels, tile) not in self._auto_batch:
+            with self._lock:
+                self.batch_size_for(channels, tile)
+
     def _tile_peak_bytes(self, channels: int, tile: int) -> int:
         """GPU memory one tile adds at its peak during a model call (TTA and softmax included)."""
         torch.cuda.synchronize(self.device)
@@ -315,12 +324,14 @@ class TilePredictor:
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             pixels = data.pixels
-            if pixels.dtype == np.uint16:  # sent as int16 bits: not every CUDA build of torch converts uint16
-                x = (self._device_tensor(pixels.view(np.int16)).to(torch.int32) & 0xFFFF).to(torch.float32)
+            if self.device.type == "cpu":
+                x = torch.from_numpy(pixels.astype(np.float32))
+            elif pixels.dtype == np.uint16:  # sent as int16 bits: not every CUDA build of torch converts uint16
+                x = (self._to_device(pixels.view(np.int16)).to(torch.int32) & 0xFFFF).to(torch.float32)
             else:
-                x = self._device_tensor(pixels).to(torch.float32, copy=True)
-            has_data = self._device_tensor(data.has_data)
-            norm = self._device_tensor(np.asarray([data.mean, data.std], dtype=np.float32))
+                x = self._to_device(pixels).to(torch.float32)
+            has_data = self._to_device(data.has_data)
+            norm = self._to_device(np.asarray([data.mean, data.std], dtype=np.float32))
             normalise(x, has_data, norm[0], norm[1])
             valid = torch.zeros_like(has_data)
             if data.inside is not None:
@@ -367,12 +378,15 @@ class TilePredictor:
         between the pixels' upload and these uint8 arrays runs on the device.
         """
         with torch.inference_mode():
+            self._choose_batch_size(data.pixels.shape[0], plan.lattice.tile)
+            started = time.perf_counter()
             x, valid = self._upload(data)
+            uploading = time.perf_counter() - started
             with self._lock:  # one chunk at a time on the model; the next one's upload overlaps it
                 started = time.perf_counter()
                 out = self._stitch(x, valid, data, task, plan, window, scene_key, probabilities)
                 out = tuple(o.cpu().numpy() for o in out)
-                self.chunk_seconds += time.perf_counter() - started
+                self.chunk_seconds += uploading + time.perf_counter() - started  # busy, not waiting for the lock
         return out if probabilities else out[0]
 
     def _stitch(self, x, valid, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str, probabilities: bool):
