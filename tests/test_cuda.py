@@ -40,6 +40,13 @@ def test_a_tiles_output_does_not_depend_on_its_batch(classes):
     assert np.array_equal(together[shuffled], reordered)
 
 
+def test_a_tiles_output_does_not_depend_on_the_batch_size():
+    """Issue 10 asks for the same mask at any batch size on the GPU; each size is one call shape here."""
+    x = tiles(32)
+    outputs = [TilePredictor(SOURCE, device="cuda", batch_size=b).predict_batch(x) for b in (1, 8, 32)]
+    assert all(np.array_equal(outputs[0], other) for other in outputs[1:])
+
+
 @pytest.mark.parametrize("mode", ["blend", "crop"])
 def test_device_stitching_equals_numpy_stitching(mode):
     lattice = TileLattice(150, 170, 64, 16)
