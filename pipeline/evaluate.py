@@ -1,7 +1,7 @@
 """Evaluation with Dask: every count of mask x labels per chunk, tree-reduced.
 
 Integer counts make the reduction exact in any order, so the scene's metrics
-equal the whole-scene computation (invariant 7). Boundary and trimap bands need
+equal the whole-scene computation (ARCHITECTURE.md, invariant 7). Boundary and trimap bands need
 pixels beyond the chunk: each chunk task reads its own halo (clipped to the
 scene, ``OUTSIDE`` beyond it) from the rasters, so no task waits on or holds a
 neighbour's block. (Dask's ``map_overlap`` does the same by sharing neighbour

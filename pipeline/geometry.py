@@ -2,7 +2,7 @@
 
 Pure arithmetic, no I/O. The tile lattice is anchored to the scene origin, not
 to chunks, so a chunk always computes exactly the lattice tiles that touch it
-and the mask does not depend on the chunk size (DESIGN.md, invariant 1).
+and the mask does not depend on the chunk size (ARCHITECTURE.md, invariant 1).
 """
 
 from __future__ import annotations

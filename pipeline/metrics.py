@@ -3,7 +3,7 @@
 M[i, j] counts pixels of truth class i predicted as class j. Matrices are
 int64 counts, so summing them over chunks in any order gives exactly the
 whole-scene matrix, and every metric below is then exactly the whole-scene
-value (DESIGN.md, invariant 7). Classes with no truth and no prediction are
+value (ARCHITECTURE.md, invariant 7). Classes with no truth and no prediction are
 left out of means (NaN in per-class arrays).
 """
 
@@ -116,7 +116,7 @@ class SegmentationMetrics:
 
 
 def segmentation_metrics(confusion: np.ndarray) -> SegmentationMetrics:
-    """All metrics of a (C, C) confusion matrix (textbook definitions, see DESIGN.md)."""
+    """All metrics of a (C, C) confusion matrix (textbook definitions; the README lists them)."""
     m = np.asarray(confusion, dtype=np.int64)
     tp = np.diag(m)
     truth = m.sum(axis=1)

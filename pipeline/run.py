@@ -224,10 +224,13 @@ def _actors(spec: JobSpec, source: ModelSource):
 
 
 def _actor_for(row: int, col: int, plan: ScenePlan, strip: int, n_actors: int) -> int:
-    """The actor of a chunk: one per strip of ``strip`` columns; with more actors than strips, strips split into row bands."""
+    """The actor of a chunk: one per strip of ``strip`` columns; with more actors than strips, strips split into row bands.
+
+    A band is consecutive chunk rows of one strip, so an actor still meets its chunks next to each other (tile reuse).
+    """
     rows, cols = plan.grid.shape
     strips = -(-cols // strip)
-    bands = max(1, n_actors // strips)
+    bands = min(rows, -(-n_actors // strips))
     return ((col // strip) * bands + row // -(-rows // bands)) % n_actors
 
 

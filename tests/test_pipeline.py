@@ -176,3 +176,20 @@ def test_checkpoint_alone_is_enough_to_run(ray_local, odd_scene, tmp_path):
 def test_local_ray_instance_is_bound_to_loopback(ray_local):
     assert ray_local.util.get_node_ip_address() == "127.0.0.1"
     assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+@pytest.mark.parametrize(("actors", "size"), [(1, 900), (2, 900), (4, 900), (16, 900), (3, 200)])
+def test_every_actor_gets_chunks_and_each_strip_keeps_its_order(actors, size):
+    from pipeline.plan import plan_scene
+    from pipeline.run import _actor_for, _strip_width
+
+    plan = plan_scene(size, size, tile=64, overlap=16, chunk=96, mode="blend")
+    strip = _strip_width(plan, 5, actors)
+    owners = {(r, c): _actor_for(r, c, plan, strip, actors) for r, c in plan.grid}
+    assert set(owners.values()) == set(range(min(actors, len(plan.grid))))  # nobody idles
+    rows, cols = plan.grid.shape
+    for k in range(actors):  # in each strip, an actor holds whole rows, next to each other (its shared tiles are reused)
+        for s in range(0, cols, strip):
+            held = sorted({r for (r, c), owner in owners.items() if owner == k and s <= c < s + strip})
+            assert held == list(range(held[0], held[0] + len(held))) if held else True
+            assert all(owners[(r, c)] == k for r in held for c in range(s, min(s + strip, cols)))

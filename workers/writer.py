@@ -2,7 +2,7 @@
 
 The store's fill value is the nodata value (255), so a chunk never written
 reads back as nodata, not as class 0. Each chunk is written by exactly one
-task, aligned to the store's chunks, so no locks are needed (invariant 2).
+task, aligned to the store's chunks, so no locks are needed (ARCHITECTURE.md, invariant 2).
 """
 
 from __future__ import annotations
