@@ -199,8 +199,8 @@ def _actors(spec: JobSpec, source: ModelSource):
     else:
         # One single-threaded actor per core by default: torch's threads wait for each other by
         # spinning, so two threads on two cores ran 2.7x slower whenever a read or write task took
-        # a core, and gave only 1.3x one thread's speed even alone; two one-thread actors give
-        # 1.65x (BENCHMARKS.md). CPU actors reserve no CPU slot, so read and write tasks always find one.
+        # a core, and even alone gave only 1.3x one thread's speed, where two one-thread actors give
+        # 2.1x (BENCHMARKS.md). CPU actors reserve no CPU slot, so read and write tasks always find one.
         cpus = max(1, int(resources.get("CPU", 1)))
         n = spec.num_actors or cpus
         opts = {"num_gpus": 0, "num_cpus": 0, "scheduling_strategy": "SPREAD"}

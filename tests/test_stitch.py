@@ -122,3 +122,26 @@ def test_tile_cache_keeps_shared_tiles_until_every_chunk_used_them():
     assert cache.get((1, 0)) is None and cache.get((1, 4)) is not None
     cache.switch(("other scene", "blend"))
     assert cache.get((1, 4)) is None
+
+
+@pytest.mark.parametrize("mode", ["blend", "crop"])
+def test_torch_tensors_stitch_to_the_same_bits_as_numpy_arrays(mode):
+    import torch
+
+    from pipeline.geometry import TileLattice
+    from pipeline.stitch import quantise_probabilities
+
+    lattice = TileLattice(150, 170, 64, 16)
+    chunk = Window(7, 11, 120, 140)
+    rng = np.random.default_rng(3)
+    outs = [(lattice.window(r, c), rng.random((C, 64, 64)).astype(np.float32)) for r, c in lattice.tiles_touching(chunk)]
+    weights = window_weights("hann", 64)
+    host = stitch_chunk(chunk, outs, lattice=lattice, mode=mode, num_classes=C, weights=weights, probabilities=True)
+    device = stitch_chunk(
+        chunk, [(w, torch.from_numpy(o)) for w, o in outs], lattice=lattice, mode=mode, num_classes=C,
+        weights=torch.from_numpy(weights), probabilities=True, like=torch.zeros(1),
+    )
+    for h, d in zip(host, device):
+        assert np.array_equal(h, d.numpy())
+    valid = rng.random(chunk.shape) > 0.1
+    assert np.array_equal(quantise_probabilities(host[1], valid), quantise_probabilities(device[1], torch.from_numpy(valid)).numpy())

@@ -3,9 +3,12 @@
 `TilePredictor` is a plain class; the runner wraps it with ``ray.remote`` so
 one actor holds one model (one per GPU, or CPU actors when there is none).
 The benchmark uses the same class without Ray to time the model alone.
-For speed: optional ``torch.compile`` (eager when compilation fails) and a
-batch size chosen from free GPU memory. For accuracy: test-time augmentation
-(`workers.tta`) averages the logits of flipped and rotated tiles.
+For speed: everything from a window's upload to the uint8 class map runs on
+the device (normalising, batching, the model, softmax, stitching, argmax);
+optional ``torch.compile`` (eager when compilation fails); a batch size from
+the GPU's memory. For the same bits everywhere: every model call has one
+shape. For accuracy: test-time augmentation (`workers.tta`) averages the
+logits of flipped and rotated tiles.
 """
 
 from __future__ import annotations
@@ -246,6 +249,8 @@ class TilePredictor:
         (on a GPU the kernels cuDNN picks depend on the batch shape).
         """
         n, bands, tile, _ = x.shape
+        if n == 0:
+            return x.new_zeros((0, tile, tile), dtype=torch.uint8) if classes else x.new_zeros((0, self.num_classes, tile, tile))
         size = self.batch_size_for(bands, tile)
         outs = []
         started = time.perf_counter()
