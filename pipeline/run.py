@@ -142,11 +142,28 @@ def _scene_bands(model: ResolvedModel, info: SceneInfo) -> list[int]:
     return bands
 
 
-def _job_id(spec: JobSpec, model: ResolvedModel) -> str:
-    keep = spec.model_dump(mode="json", exclude={"out", "address", "num_actors", "max_windows_in_flight", "batch_size", "device"})
+PRECISION = {"cpu": "float32", "cuda": "bfloat16"}
+"""The numeric precision of the model on each kind of actor device (bf16 autocast on CUDA): part of a job's identity."""
+
+
+def _job_id(spec: JobSpec, model: ResolvedModel, device: str) -> str:
+    """What determines the outputs, hashed: the job's identity fields, the checkpoint's content, the precision.
+
+    A job resumed on another kind of device (CPU float32, GPU bfloat16) is another job, not a mix of both.
+    """
+    keep = spec.identity()
     keep["checkpoint_sha256"] = model.checkpoint_sha256
-    keep["scenes"] = sorted(keep["scenes"], key=lambda s: s["image"])
+    keep["precision"] = PRECISION[device]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _actor_device(spec: JobSpec) -> str:
+    """The device the job's model actors get: cuda when asked, or when the cluster has a GPU and the job says auto."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    # device: cuda asks for GPU actors even when no GPU node is up yet: an autoscaling cluster starts one.
+    return "cuda" if spec.device == "cuda" or (spec.device == "auto" and gpus >= 1) else "cpu"
 
 
 def _claim_output(layout: OutputLayout, job_id: str, spec: JobSpec) -> None:
@@ -190,8 +207,7 @@ def _actors(spec: JobSpec, source: ModelSource):
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    # device: cuda asks for GPU actors even when no GPU node is up yet: an autoscaling cluster starts one.
-    if spec.device == "cuda" or (spec.device == "auto" and gpus >= 1):
+    if _actor_device(spec) == "cuda":
         n = spec.num_actors or max(1, gpus)
         # two calls at once: one chunk's upload overlaps the other's model work (the model itself is locked)
         opts = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": 2}
@@ -459,9 +475,9 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         from workers.models import model_info
 
         spec = spec.model_copy(update={"stitch": "blend" if model_info(model.source.name).whole_tile_context else "crop"})
-    job_id = _job_id(spec, model)
     layout = OutputLayout(Path(spec.out))
     use_ray_dask = connect(spec.address)  # before anything is written: a bad address leaves no trace
+    job_id = _job_id(spec, model, _actor_device(spec))
     _claim_output(layout, job_id, spec)
     result = JobResult(job_id, layout, model)
     states = start_scene_states(

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.errors import SpecError
 from schemas.specfile import check_safe_name, describe, read_mapping, resolve_path
 
-__all__ = ["SceneSpec", "ScoringSpec", "JobSpec", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
+__all__ = ["SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
 
 class SceneSpec(BaseModel):
     """One scene: an image, optionally its label raster, and a name for its outputs."""
@@ -81,6 +81,13 @@ class ScoringSpec(BaseModel):
         return list(self.classes) if isinstance(self.classes, dict) else None
 
 
+RUN_SETTINGS = frozenset({"out", "address", "num_actors", "max_windows_in_flight", "batch_size", "compile", "device"})
+"""Job fields that change only speed or placement, never the outputs, so they are no part of a job's identity.
+
+(``device`` matters only through the numeric precision it implies; the job id adds that precision itself.)
+"""
+
+
 class JobSpec(ScoringSpec):
     """A tiling job: scenes, model, tiling, stitching and where outputs go."""
 
@@ -96,7 +103,7 @@ class JobSpec(ScoringSpec):
     chunk_size: int | None = None
     stitch: Literal["auto", "blend", "crop"] = "auto"
     window: Literal["hann", "triangular", "gaussian", "uniform"] = "hann"
-    batch_size: int | None = Field(default=None, ge=1)  # None: from free GPU memory, 1 on CPU
+    batch_size: int | None = Field(default=None, ge=1)  # None: from the GPU's memory, 1 on CPU
     tta: Literal["none", "flip", "d4"] = "none"
     compile: bool = False
     out: Path = Path("satseg-output")
@@ -142,6 +149,12 @@ class JobSpec(ScoringSpec):
     @property
     def effective_chunk_size(self) -> int:
         return self.chunk_size or default_chunk_size(self.tile_size, self.overlap)
+
+    def identity(self) -> dict:
+        """Every field that determines the outputs (all but `RUN_SETTINGS`), as JSON values; scenes in a fixed order."""
+        keep = self.model_dump(mode="json", exclude=set(RUN_SETTINGS))
+        keep["scenes"] = sorted(keep["scenes"], key=lambda s: s["image"])
+        return keep
 
 
 def job_from_dict(data: dict, source: str = "command line") -> JobSpec:

@@ -193,3 +193,34 @@ def test_every_actor_gets_chunks_and_each_strip_keeps_its_order(actors, size):
             held = sorted({r for (r, c), owner in owners.items() if owner == k and s <= c < s + strip})
             assert held == list(range(held[0], held[0] + len(held))) if held else True
             assert all(owners[(r, c)] == k for r in held for c in range(s, min(s + strip, cols)))
+
+
+def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_scene, tmp_path):
+    from pipeline.run import _job_id, resolve_model
+    from schemas.job import RUN_SETTINGS, JobSpec
+
+    base = job(odd_scene, tmp_path / "a")
+    model = resolve_model(base)
+    same = {"out": str(tmp_path / "b"), "address": "ray://10.0.0.1:10001", "num_actors": 3, "max_windows_in_flight": 9,
+            "batch_size": 16, "compile": True, "device": "cpu"}
+    assert set(same) == RUN_SETTINGS  # every run setting is tried
+    for key, value in same.items():
+        other = base.model_copy(update={key: value})
+        assert _job_id(other, model, "cpu") == _job_id(base, model, "cpu"), key
+    different = {"tile_size": 96, "overlap": 8, "chunk_size": 128, "stitch": "crop", "window": "triangular", "tta": "flip",
+                 "seed": 1, "save_probabilities": True, "bands": [1, 2, 3, 4], "model_options": {"width_multiplier": 0.5},
+                 "classes": CLASSES[::-1], "ignore_index": 0, "boundary_width": 2, "boundary_ratio": 0.01,
+                 "trimap_max_width": 4, "model": "hrnet_w18_small_v2",
+                 "scenes": [{"image": str(odd_scene.image), "name": "other"}]}
+    identity = set(JobSpec.model_fields) - RUN_SETTINGS - {"checkpoint"}  # the checkpoint counts by its content hash
+    assert set(different) == identity  # every identity field is tried
+    for key, value in different.items():
+        other = base.model_copy(update={key: job(odd_scene, tmp_path / "a", **{key: value}).__dict__[key]})
+        assert _job_id(other, model, "cpu") != _job_id(base, model, "cpu"), key
+    assert _job_id(base, model, "cuda") != _job_id(base, model, "cpu")  # bfloat16 on a GPU, float32 on a CPU
+
+
+def test_a_rerun_with_other_speed_settings_resumes_the_same_job(ray_local, odd_scene, tmp_path, blend_run):
+    out = blend_run.layout.root
+    again = run_job(job(odd_scene, out, compile=True, batch_size=2, num_actors=2, max_windows_in_flight=1), show_progress=False)
+    assert again.job_id == blend_run.job_id and again.scenes[0].resumed_whole
