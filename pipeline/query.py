@@ -44,8 +44,9 @@ def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
         if not globs:
             continue
         files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
-        con.execute(
-            f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, union_by_name = true)"
+        con.execute(  # partition values stay text: a job id of 12 digits is still an id, not a number
+            f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+            "hive_types_autocast = false, union_by_name = true)"
         )
         found += 1
     if not found:

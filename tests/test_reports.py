@@ -222,3 +222,14 @@ def test_job_class_mapping_is_checked():
         job_from_dict({**base, "classes": {0: "a", 1: "a"}})
     spec = job_from_dict({**base, "classes": {10: "tree", 20: "shrub"}})
     assert spec.class_names == ["tree", "shrub"] and spec.label_values == [10, 20]
+
+
+def test_a_job_id_of_digits_stays_text_in_queries(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.query import run_query
+
+    folder = tmp_path / "reports" / "scenes" / "job_id=000123456789"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"scene": ["a"]}), folder / "a.parquet")
+    assert run_query(tmp_path / "reports", "SELECT scene, job_id FROM scenes")[1] == [("a", "000123456789")]
