@@ -25,6 +25,12 @@ def resolve_reports(path: str | Path) -> Path:
     return path
 
 
+def _report_roots(reports: Path) -> list[Path]:
+    """The folders a query may read: ``reports``, and a schedule's job folders (one per tick) beside it."""
+    jobs = reports.parent / "jobs"
+    return [reports, jobs] if jobs.is_dir() else [reports]
+
+
 def _table_globs(reports: Path, table: str) -> list[str]:
     """File globs of ``table``: under ``reports``, and under each tick's job when ``reports`` is a schedule's."""
     patterns = [(reports, f"{table}/*/*.parquet")]
@@ -34,16 +40,24 @@ def _table_globs(reports: Path, table: str) -> list[str]:
     return [str(root / pattern) for root, pattern in patterns if next(root.glob(pattern), None) is not None]
 
 
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per report table found under ``reports`` (and a schedule's jobs)."""
-    reports = resolve_reports(reports)
+    """An in-memory DuckDB with one view per report table found under ``reports`` (and a schedule's jobs).
+
+    Confined: files outside the report folders cannot be read, no file can be
+    written or attached, and the settings are locked, so a query cannot undo it.
+    """
+    reports = resolve_reports(reports).resolve()  # the views' paths and the allowed folders must agree
     con = duckdb.connect(":memory:")
     found = 0
     for table in REPORT_TABLES:
         globs = _table_globs(reports, table)
         if not globs:
             continue
-        files = ", ".join("'" + g.replace("'", "''") + "'" for g in globs)
+        files = ", ".join(_sql_text(g) for g in globs)
         con.execute(  # partition values stay text: a job id of 12 digits is still an id, not a number
             f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
             "hive_types_autocast = false, union_by_name = true)"
@@ -51,12 +65,26 @@ def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
         found += 1
     if not found:
         raise SpecError(f"{reports}: no report tables found; run a job with --out pointing here first")
+    roots = ", ".join(_sql_text(str(root.resolve()) + "/") for root in _report_roots(reports))
+    con.execute(f"SET allowed_directories = [{roots}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
 def run_query(reports: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Column names and rows of ``sql`` over the report views."""
+    """Column names and rows of ``sql``, one SELECT statement, over the report views; anything else is refused."""
     con = connect_reports(reports)
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as err:
+        raise SpecError(f"query failed: {str(err).splitlines()[0]}; tables are {', '.join(REPORT_TABLES)}") from None
+    kinds = [s.type.name for s in statements]
+    if kinds != ["SELECT"]:
+        raise SpecError(
+            f"satseg query runs one SELECT statement over the reports, nothing else (got {', '.join(kinds) or 'none'}); "
+            "write a single SELECT (WITH ... SELECT is fine)"
+        )
     try:
         cur = con.execute(sql)
     except duckdb.Error as err:

@@ -186,3 +186,34 @@ def test_evaluate_refuses_an_unfinished_mask_and_handles_short_scenes(capsys, tm
     zarr.open_array(str(store), path="mask", mode="r+").attrs["satseg_complete"] = False
     code, _, err = run_cli(capsys, "evaluate", str(store), str(odd_scene.labels))
     assert_one_line_error(code, err, "not complete")
+
+
+@pytest.mark.parametrize(
+    ("sql", "says"),
+    [
+        ("SELECT length(content) FROM read_text('{secret}')", "Permission"),  # a file outside the reports
+        ("COPY (SELECT 1) TO '{outside}'", "one SELECT"),
+        ("COPY (SELECT 'fake' AS scene) TO '{planted}'", "one SELECT"),  # a fake row planted among the reports
+        ("ATTACH '{outside}' AS x", "one SELECT"),
+        ("SET enable_external_access = true", "one SELECT"),
+        ("SELECT 1; COPY (SELECT 1) TO '{outside}'", "one SELECT"),
+        ("INSTALL spatial", "one SELECT"),
+    ],
+)
+def test_query_is_read_only_and_confined_to_the_reports(capsys, tmp_path, sql, says):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "out" / "reports" / "scenes" / "job_id=abc"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"scene": ["a"]}), folder / "a.parquet")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    paths = {"secret": secret, "outside": tmp_path / "written.csv", "planted": folder / "zz.parquet"}
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run_cli(capsys, "query", sql.format(**paths), "--reports", str(tmp_path / "out"))
+    assert_one_line_error(code, err, says)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing planted
+    code, out, _ = run_cli(capsys, "query", "WITH s AS (SELECT * FROM scenes) SELECT scene, job_id FROM s", "--reports",
+                           str(tmp_path / "out"), "--format", "csv")
+    assert code == 0 and out.strip() == "scene,job_id\na,abc"
