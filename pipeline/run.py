@@ -321,6 +321,7 @@ class _ChunkCounting:
 
 def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress) -> SceneResult:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from workers.tasks import read_window_task, write_chunk_task
     from workers.writer import chunks_done, create_mask_store, create_probabilities_array, set_store_attrs
@@ -355,8 +356,6 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
             queues[_actor_for(task.row, task.col, plan, strip, len(actors))].append(task)
     limit = spec.max_windows_in_flight or 2 * len(actors) + 1
     per_actor = -(-limit // len(actors))
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # a chunk is read on its actor's node, so windows never cross the network (elsewhere only if that node is gone)
     reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
     bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(written))
