@@ -33,11 +33,9 @@ def _report_roots(reports: Path) -> list[Path]:
 
 def _table_globs(reports: Path, table: str) -> list[str]:
     """File globs of ``table``: under ``reports``, and under each tick's job when ``reports`` is a schedule's."""
-    patterns = [(reports, f"{table}/*/*.parquet")]
-    jobs = reports.parent / "jobs"  # a schedule's output folder holds one job folder per tick
-    if jobs.is_dir():
-        patterns.append((jobs, f"*/reports/{table}/*/*.parquet"))
-    return [str(root / pattern) for root, pattern in patterns if next(root.glob(pattern), None) is not None]
+    patterns = [f"{table}/*/*.parquet", f"*/reports/{table}/*/*.parquet"]  # reports, then each tick's job's
+    pairs = zip(_report_roots(reports), patterns)
+    return [str(root / pattern) for root, pattern in pairs if next(root.glob(pattern), None) is not None]
 
 
 def _sql_text(value: str) -> str:

@@ -204,11 +204,13 @@ def _actors(spec: JobSpec, source: ModelSource):
     import ray
 
     from workers.predictor import TilePredictor
+    from workers.tasks import warm_up_task
 
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if _actor_device(spec) == "cuda":
-        n = spec.num_actors or max(1, gpus)
+    cpus = max(1, int(resources.get("CPU", 1)))
+    device = _actor_device(spec)
+    if device == "cuda":
+        n = spec.num_actors or max(1, int(resources.get("GPU", 0)))
         # two calls at once: one chunk's upload overlaps the other's model work (the model itself is locked)
         opts = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": 2}
         threads = None
@@ -217,19 +219,15 @@ def _actors(spec: JobSpec, source: ModelSource):
         # spinning, so two threads on two cores ran 2.7x slower whenever a read or write task took
         # a core, and even alone gave only 1.3x one thread's speed, where two one-thread actors give
         # 2.1x (BENCHMARKS.md). CPU actors reserve no CPU slot, so read and write tasks always find one.
-        cpus = max(1, int(resources.get("CPU", 1)))
         n = spec.num_actors or cpus
         opts = {"num_gpus": 0, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
         threads = max(1, cpus // n)
     cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
-    device = "cuda" if opts["num_gpus"] else "cpu"
     actors = [
         cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads, tta=spec.tta, compile=spec.compile)
         for _ in range(n)
     ]
-    from workers.tasks import warm_up_task
-
-    warm = [warm_up_task.remote() for _ in range(max(1, int(resources.get("CPU", 1))))]  # task workers import while models build
+    warm = [warm_up_task.remote() for _ in range(cpus)]  # task workers import while models build
     nodes = ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
     ray.get(warm)
     # Each actor picks its call shape now, while idle (on a GPU it measures memory): the same on the same kind of device.
@@ -271,7 +269,7 @@ class _ChunkCounting:
 
         from pipeline.evaluate import CountSpec, block_counts, chunk_windows
 
-        self.plan, self.rows, self.cols = plan, *plan.grid.shape
+        self.rows, self.cols = plan.grid.shape
         labels = scene.labels is not None
         self.spec = CountSpec(
             num_classes, labels, spec.save_probabilities and labels, None, spec.label_values, spec.ignore_index,

@@ -319,8 +319,8 @@ class TilePredictor:
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device) - base)
 
-    def _upload(self, data: WindowData) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's normalised bands (float32) and valid pixels (bool) on the device.
+    def _upload(self, data: WindowData, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's normalised bands (float32) and its ``valid`` pixels (bool) on the device.
 
         Only the file's own pixel bytes cross from the host; conversion and
         normalisation run on the device. On a GPU the copy runs on its own
@@ -338,15 +338,12 @@ class TilePredictor:
             has_data = self._to_device(data.has_data)
             norm = self._to_device(np.asarray([data.mean, data.std], dtype=np.float32))
             normalise(x, has_data, norm[0], norm[1])
-            valid = torch.zeros_like(has_data)
-            if data.inside is not None:
-                part = data.inside.slices_in(data.window)
-                valid[part] = has_data[part]
+            on_device = self._to_device(valid)
         if stream is not None:
             stream.synchronize()  # this call waits for its copy; the other call's model work goes on
-            for t in (x, valid):
+            for t in (x, on_device):
                 t.record_stream(torch.cuda.current_stream(self.device))
-        return x, valid
+        return x, on_device
 
     def _tile_outputs(
         self, x: torch.Tensor, window: Window, tiles: list[tuple[tuple[int, int], Window]], classes: bool, plan: ScenePlan
@@ -385,21 +382,23 @@ class TilePredictor:
         with torch.inference_mode():
             self._choose_batch_size(data.pixels.shape[0], plan.lattice.tile)
             started = time.perf_counter()
-            x, valid = self._upload(data)
+            host_valid = data.valid  # inside the scene and holding data: on the host for choosing tiles, uploaded for nodata
+            x, valid = self._upload(data, host_valid)
             uploading = time.perf_counter() - started
             with self._lock:  # one chunk at a time on the model; the next one's upload overlaps it
                 started = time.perf_counter()
-                out = self._stitch(x, valid, data, task, plan, window, scene_key, probabilities)
+                out = self._stitch(x, valid, host_valid, data.window, task, plan, window, scene_key, probabilities)
                 out = tuple(o.cpu().numpy() for o in out)
                 self.chunk_seconds += uploading + time.perf_counter() - started  # busy, not waiting for the lock
         return out if probabilities else out[0]
 
-    def _stitch(self, x, valid, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str, probabilities: bool):
+    def _stitch(
+        self, x, valid, host_valid: np.ndarray, read: Window, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str,
+        probabilities: bool,
+    ):
         lattice = plan.lattice
-        read = data.window
         self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap, probabilities))
-        host_valid = data.valid  # which tiles to skip is decided on the host: no device round trip per tile
-        tiles = []
+        tiles = []  # which tiles to skip is decided on the host: no device round trip per tile
         for r, c in task.tiles:
             win = lattice.window(r, c)
             if host_valid[win.slices_in(read)].any():
