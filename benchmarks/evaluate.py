@@ -60,7 +60,7 @@ def _write_inputs(folder: Path, size: int, chunk: int) -> tuple[Path, Path]:
 def _one(folder: Path, size: int, chunk: int, variant: str) -> dict:
     import dask
 
-    from pipeline.evaluate import chunk_counts, geotiff_raster, mask_raster, probabilities_raster
+    from pipeline.counting import chunk_counts, geotiff_raster, mask_raster, probabilities_raster
 
     store, labels = folder / "mask.zarr", folder / "labels.tif"
     mask = mask_raster(store)

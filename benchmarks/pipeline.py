@@ -159,8 +159,8 @@ def feed_rates(image: Path, labels: Path, size: int, tile: int, overlap: int, ch
     counted against the labels, each stage timed on its own in this process
     with one torch thread: what one core feeds a model at.
     """
-    from pipeline.evaluate import CountSpec, block_counts, geotiff_raster, mask_raster
-    from pipeline.plan import plan_scene
+    from pipeline.counting import CountSpec, block_counts, geotiff_raster, mask_raster
+    from pipeline.core.plan import plan_scene
     from workers.reader import open_scene, read_image_window
     from workers.writer import create_mask_store, write_mask_chunk
 
@@ -222,7 +222,7 @@ def end_to_end(args, data: Path, name: str, model: str, stitch: str, options: di
     import pyarrow.parquet as pq
 
     from pipeline.cluster import connect
-    from pipeline.plan import plan_scene
+    from pipeline.core.plan import plan_scene
 
     job_dir = Path(args.out) / f"job_{args.size}_{model}_{stitch}"
     shutil.rmtree(job_dir, ignore_errors=True)

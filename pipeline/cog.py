@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.metrics import MASK_NODATA
+from pipeline.core.metrics import MASK_NODATA
 from pipeline.palette import NODATA_COLOUR, class_colours
 from schemas.errors import InputFileError, OutputConflictError, SpecError
 from schemas.store import is_zarr_node

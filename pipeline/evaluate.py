@@ -1,295 +1,236 @@
-"""Evaluation with Dask: every count of mask x labels per chunk, tree-reduced.
+"""Evaluating an existing mask against labels, with Dask: any pair of GeoTIFFs or Zarr arrays.
 
-Integer counts make the reduction exact in any order, so the scene's metrics
-equal the whole-scene computation (ARCHITECTURE.md, invariant 7). Boundary and trimap bands need
-pixels beyond the chunk: each chunk task reads its own halo (clipped to the
-scene, ``OUTSIDE`` beyond it) from the rasters, so no task waits on or holds a
-neighbour's block. (Dask's ``map_overlap`` does the same by sharing neighbour
-blocks between tasks, and was measured to hold blocks in proportion to the
-scene: 0.44 GiB at 17 Mpx, 0.89 GiB at 268 Mpx. Reading the halo keeps memory
-flat.) On a Ray cluster the Dask graph runs on Ray through ``ray.util.dask``.
+A satseg mask store holds class indices (and maybe probabilities). Any other
+prediction (a GeoTIFF, a foreign Zarr array) holds label values, mapped to
+classes by the same value -> class table as the labels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.boundary import OUTSIDE, band_codes, decode_codes
-from pipeline.geometry import Window
-from pipeline.metrics import (
-    PROBABILITY_LEVELS,
-    boundary_counts,
-    class_indices,
-    prediction_indices,
-    probability_histograms,
-    trimap_confusions,
-)
-from workers.reader import read_label_window
+from pipeline import __version__
+from pipeline.core.boundary import boundary_width_for
+from pipeline.counting import Raster, chunk_counts, geotiff_raster, mask_raster, probabilities_raster, zarr_raster
+from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
+from pipeline.core.plan import plan_scene
+from pipeline.report_tables import classes_table, curves_table, scenes_table, tiles_table, write_table
+from schemas.errors import InputFileError, MismatchError, SpecError
+from schemas.store import OutputLayout, is_zarr_node
+from workers.reader import SceneInfo, open_scene
 
-__all__ = [
-    "ChunkCounts",
-    "Raster",
-    "geotiff_raster",
-    "zarr_raster",
-    "array_raster",
-    "mask_raster",
-    "probabilities_raster",
-    "chunk_counts",
-    "CountSpec",
-    "chunk_windows",
-    "block_counts",
-    "reduce_counts",
-    "dask_scheduler",
-]
+__all__ = ["Evaluation", "ClassTable", "parse_classes", "evaluate_mask", "zarr_mask_array"]
 
 
 @dataclass(frozen=True)
-class ChunkCounts:
-    """Per-chunk counts over a (rows, cols) chunk grid, and their exact totals (integer sums)."""
+class ClassTable:
+    """Class names in index order, and the label value of each (None: the value is the index)."""
 
-    confusion: np.ndarray | None  # (rows, cols, C, C) int64, None without labels
-    predicted: np.ndarray  # (rows, cols, C) int64: pixels per predicted class
-    valid: np.ndarray  # (rows, cols) int64: pixels with a prediction
-    total_confusion: np.ndarray | None  # (C, C)
-    boundary: np.ndarray | None = None  # (rows, cols, 3, C): |Gb|, |Pb|, |Gb & Pb| per class
-    total_boundary: np.ndarray | None = None  # (3, C)
-    trimap: np.ndarray | None = None  # (N, C, C): confusion inside the trimap band of width 1..N
-    histograms: np.ndarray | None = None  # (2, C, 256): probability levels over truth / other pixels
-    boundary_width: int | None = None
-    chunks: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # the chunk grid the counts are over
+    names: list[str]
+    values: list[int] | None = None
 
 
-@dataclass(frozen=True)
-class Raster:
-    """A raster read window by window: a GeoTIFF band, a Zarr array, or a small array in memory (tests).
-
-    Reads are int64 with -1 where the raster has no data; a Zarr array with
-    leading axes (probabilities: class, y, x) reads every leading index.
-    Small and picklable: Dask tasks (also on Ray) open the file themselves.
-    """
-
-    shape: tuple[int, ...]
-    chunks: tuple[int, int]  # the raster's own block size in (y, x): the default chunking
-    path: str | None = None
-    component: str | None = None  # Zarr: the array's path in its store ("" for a store that is one array)
-    nodata: float | None = None  # Zarr: the value that means no data
-    values: np.ndarray | None = None
-    band: int = 1
-
-    @property
-    def height(self) -> int:
-        return self.shape[-2]
-
-    @property
-    def width(self) -> int:
-        return self.shape[-1]
-
-    def read(self, window: Window, *, raw: bool = False) -> np.ndarray:
-        """Pixels of ``window`` (inside the raster); int64 with nodata as -1 unless ``raw``."""
-        rows, cols = slice(window.row_off, window.row_stop), slice(window.col_off, window.col_stop)
-        lead = (slice(None),) * (len(self.shape) - 2)
-        if self.values is not None:
-            data = self.values[(*lead, rows, cols)]
-        elif self.component is None:
-            return read_label_window(self.path, window, self.band)
-        else:
-            arr = zarr.open_array(self.path, path=self.component or None, mode="r")
-            data = arr[(*lead, rows, cols)]
-        if raw:
-            return np.asarray(data)
-        out = np.asarray(data).astype(np.int64)
-        if self.nodata is not None:
-            out[data == self.nodata] = -1
-        return out
+def parse_classes(text: str) -> ClassTable:
+    """``a,b,c`` (values 0, 1, 2) or ``10=tree,20=shrub`` (label value = name)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise SpecError("--classes is empty; give names (a,b,c) or value=name pairs (10=tree,20=shrub)")
+    if all("=" not in t for t in items):
+        return ClassTable(items)
+    try:
+        pairs = [(int(v), n.strip()) for v, n in (t.split("=", 1) for t in items)]
+    except ValueError:
+        raise SpecError(f"--classes {text!r}: give value=name pairs with integer values, e.g. 10=tree,20=shrub") from None
+    values = [v for v, _ in pairs]
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise SpecError(f"--classes {text!r}: label value {dup[0]} is given twice; give each value one class")
+    return ClassTable([n for _, n in pairs], values)
 
 
-def geotiff_raster(path: str | Path, shape: tuple[int, int], chunk: int, band: int = 1) -> Raster:
-    return Raster(tuple(shape), (chunk, chunk), path=str(path), band=band)
+@dataclass
+class Evaluation:
+    name: str
+    class_names: list[str]
+    metrics: SegmentationMetrics
+    reports: Path | None
+    job_id: str
+    scores: SceneScores | None = None
 
 
-def zarr_raster(path: str | Path, component: str = "", nodata: float | None = None) -> Raster:
-    arr = zarr.open_array(str(path), path=component or None, mode="r")
-    return Raster(tuple(arr.shape), tuple(arr.chunks[-2:]), path=str(path), component=component, nodata=nodata)
+@dataclass
+class _Raster:
+    """A 2-D raster to evaluate: lazily read values, georeference if any, and satseg's extras."""
+
+    path: Path
+    raster: Raster
+    info: SceneInfo
+    class_names: list[str] | None = None  # set for satseg masks: values are class indices
+    probabilities: Raster | None = None
+    georeferenced: bool = True
 
 
-def array_raster(values: np.ndarray, chunk: int, nodata: float | None = None) -> Raster:
-    return Raster(tuple(values.shape), (chunk, chunk), values=np.asarray(values), nodata=nodata)
+def zarr_mask_array(path: str | Path) -> zarr.Array:
+    """The 2-D mask array of a Zarr path: the array itself, a store's ``mask``, or a store's only 2-D array."""
+    return _zarr_array(Path(path), "prediction")[0]
 
 
-def mask_raster(store: str | Path) -> Raster:
-    """A satseg mask store's class mask (255 = nodata), chunked as stored."""
-    from pipeline.metrics import MASK_NODATA
-
-    return zarr_raster(store, "mask", MASK_NODATA)
-
-
-def probabilities_raster(store: str | Path) -> Raster:
-    """A satseg mask store's class probabilities (C, H, W) uint8."""
-    return zarr_raster(store, "probabilities")
-
-
-def _read_padded(raster: Raster, window: Window, depth: int) -> np.ndarray:
-    """``window`` grown by ``depth`` on every side: pixels from the raster, ``OUTSIDE`` beyond its edge."""
-    r0, c0 = max(0, window.row_off - depth), max(0, window.col_off - depth)
-    r1, c1 = min(raster.height, window.row_stop + depth), min(raster.width, window.col_stop + depth)
-    data = raster.read(Window(r0, c0, r1 - r0, c1 - c0))
-    pad = ((r0 - (window.row_off - depth), window.row_stop + depth - r1), (c0 - (window.col_off - depth), window.col_stop + depth - c1))
-    return np.pad(data, pad, mode="constant", constant_values=OUTSIDE)
+def _zarr_array(path: Path, role: str) -> tuple[zarr.Array, str | None]:
+    """The 2-D array of a Zarr store: the store itself, its ``mask``, or its only 2-D array."""
+    meta = json.loads((path / "zarr.json").read_text())
+    if meta.get("node_type") == "array":
+        return zarr.open_array(str(path), mode="r"), None
+    node = zarr.open_group(str(path), mode="r", use_consolidated=False)  # the arrays' own, current attributes
+    if "mask" in node and isinstance(node["mask"], zarr.Array):
+        return node["mask"], "mask"
+    arrays = [(k, a) for k, a in node.arrays() if a.ndim == 2]
+    if len(arrays) != 1:
+        raise InputFileError(
+            f"{path}: {role} store holds {len(arrays)} 2-D arrays, not one; give the array's own path (STORE.zarr/NAME)"
+        )
+    return arrays[0][1], arrays[0][0]
 
 
-@dataclass(frozen=True)
-class CountSpec:
-    """What one chunk's counts are: the class list, how values map to classes, the bands, the histograms.
+def _zarr_georeference(path: Path, name: str | None) -> tuple[str | None, tuple | None]:
+    """CRS (WKT) and transform a Zarr array carries for xarray/rioxarray, if any."""
+    if name is None:
+        return None, None
+    import rioxarray  # noqa: F401
+    import xarray as xr
 
-    Small and picklable: a chunk task (Dask's, or a Ray task in a job's loop)
-    takes it with the chunk's window and computes :func:`block_counts`.
-    """
-
-    num_classes: int
-    labels: bool = True
-    probabilities: bool = False
-    pred_values: list[int] | None = None
-    label_values: list[int] | None = None
-    ignore_index: int | None = 255
-    boundary_width: int = 3
-    trimap_max: int = 10
-
-    @property
-    def depth(self) -> int:
-        """The halo a chunk reads beyond its edges for the boundary and trimap bands."""
-        return max(self.boundary_width, self.trimap_max, 1) if self.labels else 0
-
-    @property
-    def per_chunk_size(self) -> int:
-        """Counts kept per chunk: confusion, predicted, boundary (with labels), else predicted only."""
-        c = self.num_classes
-        return c * c + c + 3 * c if self.labels else c
-
-    @property
-    def size(self) -> int:
-        """Length of one chunk's flat count vector: the per-chunk part, then the parts only totals are kept of."""
-        c = self.num_classes
-        if not self.labels:
-            return c
-        return self.per_chunk_size + self.trimap_max * c * c + (2 * c * PROBABILITY_LEVELS if self.probabilities else 0)
+    try:
+        with warnings.catch_warnings():  # a foreign store may lack consolidated metadata: fine here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            arr = xr.open_zarr(path, decode_coords="all")[name]
+        crs = arr.rio.crs
+        return (crs.to_wkt() if crs else None), (tuple(arr.rio.transform())[:6] if crs else None)
+    except Exception:  # noqa: BLE001  (a store xarray cannot read simply has no georeference)
+        return None, None
 
 
-def chunk_windows(shape: tuple[int, int], chunks: tuple[int, int]) -> tuple[list[Window], tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The chunk windows of a raster, row-major, and the chunk sizes along each axis (Dask's convention)."""
-    sizes = da.core.normalize_chunks(chunks, shape)
-    windows = []
-    r0 = 0
-    for h in sizes[0]:
-        c0 = 0
-        for w in sizes[1]:
-            windows.append(Window(r0, c0, h, w))
-            c0 += w
-        r0 += h
-    return windows, sizes
+def _open_zarr(path: Path, role: str) -> _Raster:
+    arr, name = _zarr_array(path, role)
+    if arr.ndim != 2:
+        raise InputFileError(f"{path}: {role} array has {arr.ndim} dimensions, not 2; give a single-band mask")
+    attrs = dict(arr.attrs)
+    names = attrs.get("class_names")
+    if isinstance(names, str):
+        names = json.loads(names)
+    satseg = attrs.get("satseg_job_id") is not None
+    if satseg and attrs.get("satseg_complete") is not True:
+        raise MismatchError(f"{path}: mask is not complete (its job was interrupted); rerun the job to finish it, then evaluate")
+    crs, transform = _zarr_georeference(path, name)
+    info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform or (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), None)
+    if satseg:
+        probs = probabilities_raster(path) if is_zarr_node(path / "probabilities") else None
+        return _Raster(path, mask_raster(path), info, names, probs, transform is not None)
+    nodata = attrs.get("nodata", attrs.get("_FillValue"))
+    if not isinstance(nodata, (int, float)) or (isinstance(nodata, float) and np.isnan(nodata)):
+        nodata = None
+    return _Raster(path, zarr_raster(path, name or "", nodata), info, None, None, transform is not None)
 
 
-def block_counts(window: Window, pred: Raster, labels: Raster | None, probabilities: Raster | None, spec: CountSpec) -> np.ndarray:
-    """Every count of one chunk, flattened (``spec.size`` int64): confusion, predicted, boundary, trimap, histograms."""
-    c = spec.num_classes
-    depth = spec.depth
-
-    def pred_indices(raw: np.ndarray) -> np.ndarray:
-        if spec.pred_values is not None:
-            idx = class_indices(raw, c, ignore_index=None, label_values=spec.pred_values)
-        else:
-            idx = prediction_indices(raw, c)
-        idx[raw == OUTSIDE] = OUTSIDE
-        return idx
-
-    if labels is None:
-        p = pred_indices(pred.read(window))
-        return np.bincount(p[p >= 0].astype(np.int64), minlength=c).astype(np.int64)
-    p_pad = pred_indices(_read_padded(pred, window, depth))
-    raw = _read_padded(labels, window, depth)
-    t_pad = class_indices(raw, c, ignore_index=spec.ignore_index, label_values=spec.label_values)
-    t_pad[raw == OUTSIDE] = OUTSIDE
-    inner = (slice(depth, depth + window.height), slice(depth, depth + window.width))
-    truth, pred_idx = t_pad[inner], p_pad[inner]
-    both = (truth >= 0) & (pred_idx >= 0)
-    conf = np.bincount(truth[both].astype(np.int64) * c + pred_idx[both], minlength=c * c)
-    predicted = np.bincount(pred_idx[pred_idx >= 0].astype(np.int64), minlength=c)
-    codes = band_codes(t_pad, p_pad, width=spec.boundary_width, trimap_max=spec.trimap_max, depth=depth)
-    truth_band, pred_band, distance = decode_codes(codes)
-    parts = [conf, predicted, boundary_counts(truth, pred_idx, truth_band, pred_band, c).ravel()]
-    parts.append(trimap_confusions(truth, pred_idx, distance, c, spec.trimap_max).ravel())
-    if probabilities is not None:
-        parts.append(probability_histograms(truth, pred_idx, probabilities.read(window, raw=True), c).ravel())
-    return np.concatenate(parts).astype(np.int64)
+def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
+    if is_zarr_node(path):
+        return _open_zarr(path, role)
+    info = open_scene(path, role=role)  # a missing or unreadable file: one line
+    return _Raster(path, geotiff_raster(path, (info.height, info.width), chunk), info)
 
 
-def reduce_counts(blocks: list, spec: CountSpec, sizes: tuple[tuple[int, ...], tuple[int, ...]], *, split_every: int = 8) -> ChunkCounts:
-    """Per-chunk counts and exact totals from every chunk's flat vector (row-major), by a Dask tree reduction.
+def _check_same_grid(pred: _Raster, labels: _Raster) -> None:
+    if (pred.info.height, pred.info.width) != (labels.info.height, labels.info.width):
+        raise MismatchError(
+            f"{labels.path}: label shape {labels.info.height}x{labels.info.width} differs from mask {pred.path} "
+            f"{pred.info.height}x{pred.info.width}; evaluate against labels on the mask's grid"
+        )
+    if pred.georeferenced and labels.georeferenced:
+        from rasterio.crs import CRS
 
-    ``blocks`` are arrays, or Dask arrays of shape (``spec.size``,) still to be computed.
-    """
-    c = spec.num_classes
-    ny, nx = len(sizes[0]), len(sizes[1])
-    small = spec.per_chunk_size
-    flat = da.stack([b if isinstance(b, da.Array) else da.from_array(np.asarray(b), chunks=-1) for b in blocks])
-    per_chunk, totals = dask.compute(flat[:, :small], flat[:, small:].sum(axis=0, split_every=split_every))
-    per_chunk = per_chunk.reshape(ny, nx, small)
-    if not spec.labels:
-        return ChunkCounts(None, per_chunk, per_chunk.sum(axis=2), None, chunks=sizes)
-    conf = per_chunk[..., : c * c].reshape(ny, nx, c, c)
-    predicted = per_chunk[..., c * c : c * c + c]
-    boundary = per_chunk[..., c * c + c :].reshape(ny, nx, 3, c)
-    trimap = totals[: spec.trimap_max * c * c].reshape(spec.trimap_max, c, c)
-    hist = totals[spec.trimap_max * c * c :].reshape(2, c, PROBABILITY_LEVELS) if spec.probabilities else None
-    return ChunkCounts(
-        conf, predicted, predicted.sum(axis=2), conf.sum(axis=(0, 1)), boundary, boundary.sum(axis=(0, 1)), trimap, hist,
-        spec.boundary_width, sizes,
-    )
+        a, b = pred.info.crs, labels.info.crs
+        same_crs = (a is None) == (b is None) and (a is None or CRS.from_wkt(a) == CRS.from_wkt(b))
+        if not same_crs:
+            raise MismatchError(f"{labels.path}: label CRS differs from mask {pred.path}; evaluate against labels on the mask's grid")
+        if not np.allclose(pred.info.transform, labels.info.transform, rtol=0, atol=1e-6):
+            raise MismatchError(
+                f"{labels.path}: label transform differs from mask {pred.path}; evaluate against labels on the mask's grid"
+            )
 
 
-def chunk_counts(
-    pred: Raster,
-    labels: Raster | None,
-    num_classes: int,
+def evaluate_mask(
+    pred: str | Path,
+    labels: str | Path,
     *,
-    chunks: tuple[int, int] | None = None,
+    class_names: list[str] | None = None,
+    classes: ClassTable | None = None,
     ignore_index: int | None = 255,
-    label_values: list[int] | None = None,
-    pred_values: list[int] | None = None,
-    probabilities: Raster | None = None,
+    out: str | Path | None = None,
+    chunk: int = 2048,
     boundary_width: int = 3,
-    trimap_max: int = 10,
-    split_every: int = 8,
-) -> ChunkCounts:
-    """Per-chunk counts of ``pred`` against ``labels``, one independent Dask task per chunk; totals by tree reduction.
-
-    ``pred`` holds class indices (255 or any value outside the classes: no
-    prediction), or label values when ``pred_values`` maps them (a foreign
-    mask). ``labels`` hold label values (``label_values[i]`` is class i's;
-    default: the index). ``probabilities`` (C, H, W) uint8 add the PR
-    histograms. ``chunks`` defaults to the prediction's own chunks.
-    """
-    if labels is not None and (labels.height, labels.width) != (pred.height, pred.width):
-        raise ValueError(f"labels {labels.shape} and prediction {pred.shape} differ in shape")
-    spec = CountSpec(
-        num_classes, labels is not None, probabilities is not None and labels is not None, pred_values, label_values,
-        ignore_index, boundary_width, trimap_max,
-    )
-    windows, sizes = chunk_windows((pred.height, pred.width), chunks or pred.chunks)
-    task = dask.delayed(block_counts, pure=True)
-    blocks = [da.from_delayed(task(w, pred, labels, probabilities, spec), shape=(spec.size,), dtype=np.int64) for w in windows]
-    return reduce_counts(blocks, spec, sizes, split_every=split_every)
-
-
-def dask_scheduler(use_ray: bool):
-    """The Dask scheduler: Ray's when a Ray cluster is up (one cluster, both engines)."""
-    if use_ray:
-        from ray.util.dask import ray_dask_get
-
-        return ray_dask_get
-    return "threads"
+    boundary_ratio: float | None = None,
+    trimap_max_width: int = 10,
+) -> Evaluation:
+    """Metrics of ``pred`` against ``labels``; with ``out``, the reports are written there too."""
+    pred, labels = Path(pred), Path(labels)
+    t0 = time.perf_counter()
+    if not pred.exists():
+        raise InputFileError(f"{pred}: prediction not found; give a mask (.zarr store or array, or a GeoTIFF)")
+    label_raster = _open_raster(labels, "label", chunk)
+    pred_raster = _open_raster(pred, "prediction", chunk)
+    _check_same_grid(pred_raster, label_raster)
+    table = classes or (ClassTable(list(class_names)) if class_names else None)
+    if table is None and pred_raster.class_names:
+        table = ClassTable(list(pred_raster.class_names))
+    if table is None:
+        raise SpecError(f"{pred}: no class names stored with the mask; pass --classes a,b,c (or 10=tree,20=shrub) or --job")
+    if pred_raster.class_names and list(pred_raster.class_names) != table.names:
+        raise MismatchError(
+            f"{pred}: mask classes {pred_raster.class_names} differ from the given {table.names}; drop --classes or fix it"
+        )
+    if table.values is not None and ignore_index in table.values:
+        raise SpecError(f"label value {ignore_index} is both a class and the ignore index; change --ignore-index or the classes")
+    c = len(table.names)
+    height, width_px = pred_raster.info.height, pred_raster.info.width
+    # satseg masks hold class indices; any other mask holds label values, mapped like the labels
+    pred_values = table.values if pred_raster.class_names is None else None
+    probs = pred_raster.probabilities
+    width = boundary_width_for(height, width_px, pixels=boundary_width, ratio=boundary_ratio)
+    with dask.config.set(scheduler="threads"):
+        counts = chunk_counts(
+            pred_raster.raster, label_raster.raster, c, ignore_index=ignore_index, label_values=table.values,
+            pred_values=pred_values, probabilities=probs, boundary_width=width, trimap_max=trimap_max_width,
+        )
+    scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
+    key = f"{pred.resolve()}|{labels.resolve()}|{table}|{ignore_index}|{width}|{trimap_max_width}"
+    job_id = "eval-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    name = pred.name.split(".")[0] or "mask"
+    reports = None
+    if out is not None:
+        layout = OutputLayout(Path(out))
+        chunk_px = max(counts.chunks[0] + counts.chunks[1])  # nominal chunk, also when the scene is shorter
+        plan = plan_scene(height, width_px, tile=32, overlap=0, chunk=chunk_px, mode="crop")
+        seconds = time.perf_counter() - t0
+        georef = label_raster.info if label_raster.georeferenced else pred_raster.info
+        row = {
+            "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": height,
+            "width": width_px, "num_classes": c, "class_names": table.names, "crs": georef.crs,
+            "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds, "boundary_width": width,
+            "probabilities": f"{pred}/probabilities" if probs is not None else None,
+            "label_values": table.values, "mask_label_values": pred_values is not None, "ignore_index": ignore_index,
+            "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),
+        }
+        write_table(tiles_table(name, plan, georef, counts), layout.report_file("tiles", job_id, name))
+        write_table(classes_table(name, table.names, scores, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
+        write_table(curves_table(name, table.names, scores), layout.report_file("curves", job_id, name))
+        write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
+        reports = layout.reports
+    return Evaluation(name, table.names, scores.metrics, reports, job_id, scores)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.metrics import MASK_NODATA
+from pipeline.core.metrics import MASK_NODATA
 
 __all__ = [
     "OVERVIEW_SIZE",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.geometry import Window
-from pipeline.metrics import MASK_NODATA
+from pipeline.core.geometry import Window
+from pipeline.core.metrics import MASK_NODATA
 from pipeline.palette import class_colours
 
 __all__ = [
@@ -125,7 +125,7 @@ def read_labels(
     nearest samples as Zarr masks.
     """
     if Path(path).is_dir():
-        from pipeline.assess import zarr_mask_array
+        from pipeline.evaluate import zarr_mask_array
 
         array = zarr_mask_array(path)
         win = window or Window(0, 0, *array.shape)

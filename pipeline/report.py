@@ -1,269 +1,689 @@
-"""Report assembly: tiles, classes, scenes, curves and aggregates tables from counts and metrics (pure), and writing them.
+"""`satseg report`: one self-contained HTML page of a run, readable offline.
 
-The tiles table is GeoParquet 1.1: each chunk's footprint as a WKB polygon in
-the scene CRS (PROJJSON in the ``geo`` metadata), with a ``bbox`` covering column.
+Reads the run's Parquet reports (tiles, classes, scenes, curves,
+aggregates), its mask stores and the scenes' rasters, and writes a page
+with, per scene: a quicklook (image, mask overlay, TP/FP/FN error maps),
+the row-normalised confusion matrix, per-class IoU/Dice/boundary IoU bars,
+PR curves, the trimap curve and the worst tiles by IoU; and for the run:
+throughput and micro/macro aggregates. Every image is an embedded PNG data
+URI; no CSS, script or font comes from elsewhere.
+
+Rasters are only read decimated (see :mod:`pipeline.quicklook`), so the
+report of a scene of any size needs memory for a few small views. A metric
+the run did not compute (no labels, no saved probabilities, reports older
+than schema 2) gets a one-line "not computed" note instead of its plot.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
 import os
-import struct
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.evaluate import ChunkCounts
-from pipeline.metrics import PROBABILITY_LEVELS, SceneScores, boundary_iou, scene_scores, segmentation_metrics
-from pipeline.plan import ScenePlan
-from schemas.reports import AGGREGATES, CLASSES, CURVES, SCENES, TILES
-from workers.reader import SceneInfo
+from pipeline import __version__
+from pipeline.core.geometry import Window
+from pipeline.core.metrics import MASK_NODATA
+from pipeline.palette import class_colours
+from pipeline.quicklook import (
+    FN_COLOUR,
+    FP_COLOUR,
+    TN_COLOUR,
+    TP_COLOUR,
+    UNSCORED_COLOUR,
+    WRONG_COLOUR,
+    class_error_rgb,
+    display_shape,
+    error_rgb,
+    label_lookup,
+    mask_rgb,
+    overlay,
+    read_image_rgb,
+    read_labels,
+    read_mask_raster,
+    read_mask_samples,
+    sample_positions,
+)
+from pipeline.report_figures import class_bars_png, confusion_png, png, pr_curves_png, trimap_png
+from schemas.errors import InputFileError, SpecError
+from schemas.store import OutputLayout, is_zarr_node
 
-__all__ = [
-    "tiles_table",
-    "classes_table",
-    "scenes_table",
-    "curves_table",
-    "aggregates_table",
-    "histograms_from_curves",
-    "scores_from_rows",
-    "write_table",
+__all__ = ["SECTIONS", "RUN_SECTIONS", "QUICKLOOK_SIDE", "WORST_TILES", "RunTables", "load_run", "render_report", "write_report"]
+
+SECTIONS = ("quicklook", "metrics", "confusion", "class-metrics", "pr-curves", "trimap", "worst-tiles")
+"""Sections every scene gets (``data-section`` attribute), in page order."""
+
+RUN_SECTIONS = ("throughput", "aggregates")
+"""Sections of the run as a whole."""
+
+QUICKLOOK_SIDE = 900
+CLASS_MAP_SIDE = 300
+THUMB_SIDE = 160
+MIN_TILE_VIEW = 48
+WORST_TILES = 6
+MAX_CLASS_MAPS = 12
+
+
+@dataclass
+class RunTables:
+    """What the report reads: one job's rows of every report table, by scene."""
+
+    run_dir: Path
+    job_id: str
+    spec: dict | None
+    scenes: list[dict]
+    classes: dict[str, list[dict]] = field(default_factory=dict)
+    tiles: dict[str, list[dict]] = field(default_factory=dict)
+    curves: dict[str, list[dict]] = field(default_factory=dict)
+    aggregates: list[dict] = field(default_factory=list)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return []
+    return pq.read_table(path).to_pylist()
+
+
+def _job_id(run_dir: Path, reports: Path, job_id: str | None) -> str:
+    found = sorted(p.name.split("=", 1)[1] for p in (reports / "scenes").glob("job_id=*") if p.is_dir())
+    if job_id is not None:
+        if job_id not in found:
+            raise SpecError(f"{run_dir}: no reports of job {job_id}; jobs here: {', '.join(found) or 'none'}")
+        return job_id
+    job_file = OutputLayout(run_dir).job_file
+    if job_file.exists():
+        try:
+            recorded = json.loads(job_file.read_text()).get("job_id")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded in found:
+            return recorded
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InputFileError(f"{run_dir}: no scene reports under reports/scenes/; run a job with --out {run_dir} first")
+    raise SpecError(f"{run_dir}: reports of several jobs ({', '.join(found)}); choose one with --job")
+
+
+def load_run(run_dir: str | Path, job_id: str | None = None) -> RunTables:
+    """The report tables of one job in ``run_dir`` (a job's --out folder)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputFileError(f"{run_dir}: run folder not found; give the --out folder of a satseg job")
+    layout = OutputLayout(run_dir)
+    if not (layout.reports / "scenes").is_dir():
+        raise InputFileError(f"{run_dir}: no reports/scenes/ here; give the --out folder of a finished satseg job")
+    job = _job_id(run_dir, layout.reports, job_id)
+    spec = None
+    if layout.job_file.exists():
+        try:
+            record = json.loads(layout.job_file.read_text())
+            spec = record.get("spec") if record.get("job_id") == job else None
+        except (OSError, ValueError):
+            spec = None
+    scene_files = sorted((layout.reports / "scenes" / f"job_id={job}").glob("*.parquet"))
+    scenes = [row for f in scene_files for row in _read_rows(f)]
+    if not scenes:
+        raise InputFileError(f"{run_dir}: job {job} has no scene reports yet; let the job finish, then report")
+    tables = RunTables(run_dir, job, spec, sorted(scenes, key=lambda r: r["scene"]))
+    for row in tables.scenes:
+        name = row["scene"]
+        for table in ("classes", "tiles", "curves"):
+            getattr(tables, table)[name] = _read_rows(layout.report_file(table, job, name))
+    tables.aggregates = _read_rows(layout.reports / "aggregates" / f"job_id={job}" / "job.parquet")
+    return tables
+
+
+# ---- small HTML pieces (pure) ------------------------------------------------------------------------------
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "scene"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if _missing(value):
+        return "—"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _img(data: bytes, alt: str, cls: str = "") -> str:
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return f'<img class="{cls}" alt="{_esc(alt)}" src="{uri}">'
+
+
+def _figure(data: bytes, alt: str, caption: str, cls: str = "") -> str:
+    return f"<figure>{_img(data, alt, cls)}<figcaption>{caption}</figcaption></figure>"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _table(headers: Iterable[str], rows: Iterable[Iterable], cls: str = "") -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _section(scene_slug: str | None, name: str, title: str, body: str) -> str:
+    ident = f"{scene_slug}-{name}" if scene_slug else name
+    return f'<section class="panel" id="{_esc(ident)}" data-section="{name}"><h3>{_esc(title)}</h3>{body}</section>'
+
+
+def _swatches(items: list[tuple[str, tuple[int, int, int]]]) -> str:
+    spans = "".join(
+        f'<span class="swatch"><i style="background: rgb{tuple(int(v) for v in rgb)}"></i>{_esc(label)}</span>'
+        for label, rgb in items
+    )
+    return f'<div class="legend">{spans}</div>'
+
+
+# ---- per-scene views (decimated reads) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SceneContext:
+    name: str
+    row: dict
+    class_names: list[str]
+    store: Path | None
+    image: Path | None
+    labels: Path | None
+    lookup: np.ndarray
+    ignore_index: int | None
+
+
+def _existing(path: str | None) -> Path | None:
+    return Path(path) if path and Path(path).exists() else None
+
+
+def _scene_context(tables: RunTables, row: dict) -> _SceneContext:
+    names = list(row.get("class_names") or [])
+    store = _existing(row.get("mask")) or _existing(str(OutputLayout(tables.run_dir).mask_store(row["scene"])))
+    spec = tables.spec or {}
+    classes = spec.get("classes")
+    values = row.get("label_values") or ([int(v) for v in classes] if isinstance(classes, dict) else None)
+    ignore = row["ignore_index"] if row.get("ignore_index") is not None else spec.get("ignore_index", 255)
+    return _SceneContext(
+        row["scene"], row, names, store, _existing(row.get("image")), _existing(row.get("labels")),
+        label_lookup(values, len(names)), ignore,
+    )
+
+
+def _mask_samples(store: Path, rows: np.ndarray, cols: np.ndarray, out: tuple[int, int], window: Window) -> np.ndarray:
+    """Full-resolution mask pixels at the view's samples, from a Zarr store or a GeoTIFF (``evaluate`` runs)."""
+    if not store.is_dir():
+        return read_mask_raster(store, out, window)
+    from pipeline.evaluate import zarr_mask_array
+
+    return read_mask_samples(zarr_mask_array(store), rows, cols)
+
+
+def _as_indices(ctx: _SceneContext, samples: np.ndarray) -> np.ndarray:
+    """Mask samples as class indices (255: none): a foreign mask evaluated with a mapping holds label values."""
+    if not ctx.row.get("mask_label_values"):
+        return samples
+    idx = ctx.lookup[np.clip(samples.astype(np.int64), 0, ctx.lookup.size - 1)]
+    return np.where(idx < 0, MASK_NODATA, idx).astype(np.uint8)
+
+
+def _overlay_source(store: Path, display_side: int):
+    """The array the overlay samples from: the coarsest overview level still at least the display size."""
+    import zarr
+
+    from pipeline.evaluate import zarr_mask_array
+    from pipeline.overviews import OverviewLevel, level_for_size, read_overview_levels
+
+    if not is_zarr_node(store / "mask"):  # a foreign Zarr mask (`satseg evaluate`): no overviews
+        arr = zarr_mask_array(store)
+        return arr, OverviewLevel(0, "", tuple(arr.shape), 1, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    level = level_for_size(read_overview_levels(store), display_side)
+    return zarr.open_array(str(store), path=level.path, mode="r"), level
+
+
+def _views(ctx: _SceneContext, window: Window, side: int, *, overview: bool) -> dict:
+    """Image, overlay, mask and error map of ``window`` at most ``side`` pixels wide, as RGB arrays."""
+    out = display_shape(window.height, window.width, side)
+    rows = sample_positions(window.row_off, window.height, out[0])
+    cols = sample_positions(window.col_off, window.width, out[1])
+    c = len(ctx.class_names)
+    views: dict = {"shape": out}
+    mask0 = _as_indices(ctx, _mask_samples(ctx.store, rows, cols, out, window)) if ctx.store else None
+    shown = mask0
+    if ctx.store and ctx.store.is_dir() and overview:
+        arr, level = _overlay_source(ctx.store, max(out))
+        views["level"] = level
+        shown = _as_indices(ctx, read_mask_samples(arr, rows, cols, level.factor))
+    if ctx.image is not None:
+        views["image"], _ = read_image_rgb(ctx.image, out, window)
+    if shown is not None:
+        colours, has = mask_rgb(shown, c)
+        base = views.get("image", np.full((*out, 3), 255, dtype=np.uint8))
+        views["overlay"] = overlay(base, colours, has, alpha=0.7 if "image" in views else 1.0)
+    if ctx.labels is not None and mask0 is not None:
+        truth = read_labels(ctx.labels, out, ctx.lookup, ctx.ignore_index, window)
+        views["truth"], views["pred"] = truth, mask0
+        views["error"] = error_rgb(truth, mask0, c)
+    return views
+
+
+def _class_legend(names: list[str]) -> str:
+    colours = class_colours(len(names))
+    return _swatches([(n, tuple(colours[i])) for i, n in enumerate(names)] + [("nodata: no class colour", (255, 255, 255))])
+
+
+_ERROR_LEGEND = [
+    ("correct class (TP)", TP_COLOUR),
+    ("wrong class (FP of the predicted, FN of the true class)", WRONG_COLOUR),
+    ("not scored (no label, ignored, nodata)", UNSCORED_COLOUR),
 ]
 
 
-def _num(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
-def _list(a: np.ndarray | None) -> list[float | None] | None:
-    return None if a is None else [_num(float(v)) for v in a]
-
-
-def _polygon_wkb(minx: float, miny: float, maxx: float, maxy: float) -> bytes:
-    """A rectangle as little-endian WKB, exterior ring counter-clockwise."""
-    ring = [(minx, miny), (maxx, miny), (maxx, maxy), (minx, maxy), (minx, miny)]
-    return struct.pack("<BIII", 1, 3, 1, len(ring)) + b"".join(struct.pack("<dd", x, y) for x, y in ring)
-
-
-def _projjson(crs_wkt: str | None) -> dict | None:
-    if not crs_wkt:
-        return None
-    from pyproj import CRS
-
-    return CRS.from_wkt(crs_wkt).to_json_dict()
-
-
-def _geo_metadata(crs_wkt: str | None, boxes: list[tuple[float, float, float, float]]) -> bytes:
-    column = {
-        "encoding": "WKB",
-        "geometry_types": ["Polygon"],
-        "crs": _projjson(crs_wkt),  # null: the CRS is unknown (a missing key would mean OGC:CRS84)
-        "orientation": "counterclockwise",
-        "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
-    }
-    if boxes:
-        b = np.asarray(boxes)
-        column["bbox"] = [float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())]
-    return json.dumps({"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}).encode()
-
-
-def tiles_table(scene: str, plan: ScenePlan, info: SceneInfo, counts: ChunkCounts) -> pa.Table:
-    """One row per output chunk: its footprint, how many pixels, and how good (GeoParquet)."""
-    rows, boxes = [], []
-    for r, c in plan.grid:
-        win = plan.grid.window(r, c)
-        box = info.bounds(win)
-        boxes.append(box)
-        row = {
-            "scene": scene,
-            "chunk_row": r,
-            "chunk_col": c,
-            "row_off": win.row_off,
-            "col_off": win.col_off,
-            "height": win.height,
-            "width": win.width,
-            "geometry": _polygon_wkb(*box),
-            "bbox": dict(zip(("xmin", "ymin", "xmax", "ymax"), box)),
-            "valid_pixels": int(counts.valid[r, c]),
-            "predicted_pixels": counts.predicted[r, c].tolist(),
-        }
-        if counts.confusion is not None:
-            m = segmentation_metrics(counts.confusion[r, c])
-            row.update(
-                confusion=m.confusion.ravel().tolist(),
-                labelled_pixels=m.valid_pixels,
-                pixel_accuracy=_num(m.pixel_accuracy),
-                mean_iou=_num(m.mean_iou),
-                iou=_list(m.iou),
-            )
-        if counts.boundary is not None:
-            b = boundary_iou(counts.boundary[r, c])
-            row.update(boundary_iou=_list(b), mean_boundary_iou=_num(float(np.nanmean(b)) if np.isfinite(b).any() else float("nan")))
-        rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=TILES)
-    return table.replace_schema_metadata({**table.schema.metadata, b"geo": _geo_metadata(info.crs, boxes)})
-
-
-def classes_table(scene: str, class_names: list[str], scores: SceneScores | None, predicted: np.ndarray) -> pa.Table:
-    """One row per class of one scene; metric columns are null without labels (AP also without probabilities)."""
-    rows = []
-    for i, name in enumerate(class_names):
-        row = {"scene": scene, "class_index": i, "class_name": name, "predicted_pixels": int(predicted[i])}
-        if scores is not None:
-            metrics = scores.metrics
-            m = metrics.confusion
-            row.update(
-                truth_pixels=int(m[i].sum()),
-                true_positives=int(m[i, i]),
-                iou=_num(float(metrics.iou[i])),
-                dice=_num(float(metrics.dice[i])),
-                accuracy=_num(float(metrics.class_accuracy[i])),
-                precision=_num(float(metrics.precision[i])),
-                recall=_num(float(metrics.recall[i])),
-            )
-            if scores.boundary_counts is not None:
-                gt, pr, inter = (int(v) for v in scores.boundary_counts[:, i])
-                row.update(
-                    boundary_truth_pixels=gt, boundary_predicted_pixels=pr, boundary_intersection=inter,
-                    boundary_iou=_num(float(scores.boundary_iou[i])),
-                )
-            if scores.trimap_iou is not None:
-                row["trimap_iou"] = _list(scores.trimap_iou[:, i])
-            if scores.average_precision is not None:
-                row["average_precision"] = _num(float(scores.average_precision[i]))
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=CLASSES)
-
-
-def scenes_table(row: dict, scores: SceneScores | None) -> pa.Table:
-    """The one-row scenes table of a scene: provenance, sizes, timings and every scalar metric."""
-    row = dict(row)
-    if scores is not None:
-        metrics = scores.metrics
-        row.update({k: _num(v) for k, v in metrics.scalars().items()})
-        row["labelled_pixels"] = metrics.valid_pixels
-        row["confusion"] = metrics.confusion.ravel().tolist()
-        row["mean_boundary_iou"] = _num(scores.mean_boundary_iou)
-        row["mean_average_precision"] = _num(scores.mean_average_precision)
-        row["trimap_miou"] = _list(scores.trimap_miou)
-    return pa.Table.from_pylist([row], schema=SCENES)
-
-
-def curves_table(scene: str, class_names: list[str], scores: SceneScores | None) -> pa.Table:
-    """Precision-recall points per class, one per stored probability level that holds a pixel."""
-    rows = []
-    for i, curve in enumerate((scores.curves if scores is not None else None) or []):
-        for k in range(len(curve.thresholds)):
-            rows.append({
-                "scene": scene, "class_index": i, "class_name": class_names[i], "threshold": float(curve.thresholds[k]),
-                "precision": _num(float(curve.precision[k])), "recall": _num(float(curve.recall[k])),
-                "true_positives": int(curve.true_positives[k]), "false_positives": int(curve.false_positives[k]),
-            })
-    return pa.Table.from_pylist(rows, schema=CURVES)
-
-
-def histograms_from_curves(rows: list[dict], num_classes: int) -> np.ndarray:
-    """The (2, C, 256) probability histograms a scene's curves were made from (cumulative counts, differenced)."""
-    hist = np.zeros((2, num_classes, PROBABILITY_LEVELS), dtype=np.int64)
-    last = {}
-    for row in sorted(rows, key=lambda r: (r["class_index"], -r["threshold"])):
-        c = row["class_index"]
-        level = int(round(row["threshold"] * (PROBABILITY_LEVELS - 1)))
-        tp0, fp0 = last.get(c, (0, 0))
-        hist[0, c, level] = row["true_positives"] - tp0
-        hist[1, c, level] = row["false_positives"] - fp0
-        last[c] = (row["true_positives"], row["false_positives"])
-    return hist
-
-
-def scores_from_rows(scene: dict, classes: list[dict], curves: list[dict]) -> SceneScores | None:
-    """A scene's scores from its rows in the scenes, classes and curves tables (exact: counts are stored)."""
-    if scene.get("confusion") is None:
-        return None
-    confusion, boundary, hist = _scene_counts(scene, classes, curves)
-    return scene_scores(confusion, boundary, None, hist)
-
-
-def _scene_counts(scene: dict, classes: list[dict], curves: list[dict]) -> tuple:
-    c = scene["num_classes"]
-    confusion = np.asarray(scene["confusion"], dtype=np.int64).reshape(c, c)
-    by_index = sorted(classes, key=lambda r: r["class_index"])
-    boundary = None
-    if by_index and all(r.get("boundary_truth_pixels") is not None for r in by_index):
-        boundary = np.array(
-            [[r[k] for r in by_index] for k in ("boundary_truth_pixels", "boundary_predicted_pixels", "boundary_intersection")],
-            dtype=np.int64,
+def _quicklook(ctx: _SceneContext, slug: str) -> str:
+    h, w = int(ctx.row["height"]), int(ctx.row["width"])
+    whole = Window(0, 0, h, w)
+    parts = []
+    if ctx.store is None:
+        return _section(slug, "quicklook", "Quicklook", _note(f"not available: the mask of {ctx.name} was not found"))
+    views = _views(ctx, whole, QUICKLOOK_SIDE, overview=True)
+    level = views.get("level")
+    figs = []
+    if "image" in views:
+        figs.append(_figure(png(views["image"], photo=True), f"{ctx.name} image", "image (2–98 % stretch)"))
+    elif ctx.row.get("image"):
+        parts.append(_note(f"image not shown: {ctx.row['image']} not found"))
+    else:
+        parts.append(_note("image not shown: this run records no image (an `evaluate` run)"))
+    source = f"overview level {level.level} (1/{level.factor})" if level is not None and level.level else "full-resolution mask"
+    what = "mask over the image" if "image" in views else "mask"
+    figs.append(_figure(png(views["overlay"], photo=True), f"{ctx.name} mask overlay", f"{what}, from the {_esc(source)}"))
+    if "error" in views:
+        figs.append(_figure(png(views["error"]), f"{ctx.name} error map", "error map: correct (TP) / wrong class"))
+    else:
+        parts.append(_note("error map not computed: the scene has no labels (or its label file was not found)"))
+    shape = views["shape"]
+    body = (
+        f'<div class="row3">{"".join(figs)}</div>'
+        + _class_legend(ctx.class_names)
+        + (_swatches(_ERROR_LEGEND) if "error" in views else "")
+        + f'<p class="small">{h:,} × {w:,} px shown '
+        + (
+            f"at {shape[0]} × {shape[1]} (about 1 in {h / shape[0]:.1f} pixels each way: "
+            "nearest samples of image, labels and mask)" if shape != (h, w) else "at full resolution"
         )
-    hist = histograms_from_curves(curves, c) if curves else None
-    return confusion, boundary, hist
+        + "</p>"
+    )
+    if "error" in views:
+        body += _class_maps(ctx, whole)
+    return _section(slug, "quicklook", "Quicklook", "".join(parts) + body)
 
 
-def _macro(values: list[float]) -> float | None:
-    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
-    return _num(float(np.nanmean(v))) if np.isfinite(v).any() else None
+def _class_maps(ctx: _SceneContext, whole: Window) -> str:
+    views = _views(ctx, whole, CLASS_MAP_SIDE, overview=False)
+    c = len(ctx.class_names)
+    present = [i for i in range(c) if (views["truth"] == i).any() or (views["pred"] == i).any()]
+    figs = [
+        _figure(png(class_error_rgb(views["truth"], views["pred"], c, i)), f"{ctx.name} {ctx.class_names[i]} errors",
+                _esc(ctx.class_names[i]), "small")
+        for i in present[:MAX_CLASS_MAPS]
+    ]
+    more = _note(f"{len(present) - MAX_CLASS_MAPS} more classes not shown") if len(present) > MAX_CLASS_MAPS else ""
+    legend = _swatches(
+        [("TP", TP_COLOUR), ("FP", FP_COLOUR), ("FN", FN_COLOUR), ("TN", TN_COLOUR), ("not scored", UNSCORED_COLOUR)]
+    )
+    return f'<h4>Per class: TP / FP / FN</h4><div class="grid">{"".join(figs)}</div>{more}{legend}'
 
 
-def _macro_list(lists: list[np.ndarray | None]) -> list[float | None] | None:
-    arrays = [a for a in lists if a is not None]
-    if not arrays:
-        return None
-    stack = np.stack(arrays)
-    out = np.full(stack.shape[1], np.nan)
-    has = np.isfinite(stack).any(axis=0)
-    out[has] = np.nanmean(stack[:, has], axis=0)
-    return _list(out)
+# ---- per-scene metrics -------------------------------------------------------------------------------------
+
+_SCALARS = [
+    ("pixel_accuracy", "pixel accuracy"),
+    ("mean_accuracy", "mean class accuracy"),
+    ("mean_iou", "mean IoU"),
+    ("mean_dice", "mean Dice"),
+    ("frequency_weighted_iou", "frequency-weighted IoU"),
+    ("mean_precision", "mean precision"),
+    ("mean_recall", "mean recall"),
+    ("kappa", "Cohen's kappa"),
+    ("mean_boundary_iou", "mean boundary IoU"),
+    ("mean_average_precision", "mean average precision"),
+]
 
 
-def aggregates_table(scenes: list[dict], classes: list[dict], curves: list[dict]) -> pa.Table:
-    """Micro (counts pooled over scenes, then the metric) and macro (mean of the scenes' metrics) rows.
+def _metrics(ctx: _SceneContext, classes: list[dict], slug: str) -> str:
+    row = ctx.row
+    if _missing(row.get("mean_iou")) and row.get("confusion") is None:
+        return _section(slug, "metrics", "Metrics", _note("not computed: the scene has no labels"))
+    scalars = [(label, _fmt(row.get(key))) for key, label in _SCALARS if key in row]
+    scalars.append(("labelled pixels", _fmt(row.get("labelled_pixels"))))
+    if not _missing(row.get("boundary_width")):
+        scalars.append(("boundary band width (px)", _fmt(row.get("boundary_width"))))
+    per_class = [
+        (r.get("class_name"), _fmt(r.get("truth_pixels")), _fmt(r.get("predicted_pixels")), _fmt(r.get("iou")),
+         _fmt(r.get("dice")), _fmt(r.get("boundary_iou")), _fmt(r.get("average_precision")),
+         _fmt(r.get("precision")), _fmt(r.get("recall")))
+        for r in classes
+    ]
+    body = (
+        '<div class="row2">'
+        + _table(["metric", "value"], scalars, "narrow")
+        + _table(["class", "truth px", "predicted px", "IoU", "Dice", "boundary IoU", "AP", "precision", "recall"], per_class)
+        + "</div>"
+    )
+    return _section(slug, "metrics", "Metrics", body)
 
-    Inputs are rows of the job's scenes, classes and curves tables; only scenes
-    with labels count, and all must share one class list.
-    """
-    labelled = [s for s in scenes if s.get("confusion") is not None]
-    if not labelled:
-        return pa.Table.from_pylist([], schema=AGGREGATES)
-    names = list(labelled[0]["class_names"])
-    per_scene, hists = [], []
-    for s in labelled:
-        mine = [r for r in classes if r["scene"] == s["scene"]]
-        confusion, boundary, hist = _scene_counts(s, mine, [r for r in curves if r["scene"] == s["scene"]])
-        per_scene.append(scene_scores(confusion, boundary, None, hist))
-        hists.append(hist)
-    pooled_boundary = None if any(p.boundary_counts is None for p in per_scene) else sum(p.boundary_counts for p in per_scene)
-    pooled_hist = None if any(h is None for h in hists) else sum(hists)
-    micro = scene_scores(sum(p.metrics.confusion for p in per_scene), pooled_boundary, None, pooled_hist)
+
+def _confusion(ctx: _SceneContext, slug: str) -> str:
+    conf = ctx.row.get("confusion")
+    c = len(ctx.class_names)
+    if conf is None or len(conf) != c * c or c == 0:
+        return _section(slug, "confusion", "Confusion matrix", _note("not computed: the scene has no labels"))
+    fig = _figure(confusion_png(np.asarray(conf), ctx.class_names), f"{ctx.name} confusion matrix",
+                  "rows: true class, normalised to 100 %; columns: predicted class", "plot")
+    return _section(slug, "confusion", "Confusion matrix", fig)
+
+
+def _class_bars(ctx: _SceneContext, classes: list[dict], slug: str) -> str:
+    title = "Per-class IoU, Dice and boundary IoU"
+    if not classes or all(_missing(r.get("iou")) for r in classes):
+        return _section(slug, "class-metrics", title, _note("not computed: the scene has no labels"))
+    names = [r["class_name"] for r in classes]
+    series = {"IoU": [r.get("iou") for r in classes], "Dice": [r.get("dice") for r in classes]}
+    notes = ""
+    if any(not _missing(r.get("boundary_iou")) for r in classes):
+        width = ctx.row.get("boundary_width")
+        series[f"boundary IoU ({width} px)" if not _missing(width) else "boundary IoU"] = [r.get("boundary_iou") for r in classes]
+    else:
+        notes = _note("boundary IoU not computed: these reports predate boundary metrics; rerun the job")
+    fig = _figure(class_bars_png(names, series), f"{ctx.name} per-class bars", "per-class scores (a gap: class absent)", "plot")
+    return _section(slug, "class-metrics", title, fig + notes)
+
+
+def _pr_curves(ctx: _SceneContext, classes: list[dict], curves: list[dict], slug: str) -> str:
+    title = "Precision–recall curves"
+    if not curves:
+        why = "the scene has no labels" if ctx.labels is None and ctx.row.get("labels") is None else (
+            "probabilities were not saved; run the job with --save-probabilities (save_probabilities: true)"
+        )
+        return _section(slug, "pr-curves", title, _note(f"not computed: {why}"))
+    by_class: dict[int, list[dict]] = {}
+    for r in curves:
+        by_class.setdefault(int(r["class_index"]), []).append(r)
+    lines = {}
+    for i, rows in by_class.items():
+        rows = sorted(rows, key=lambda r: -float(r["threshold"]))
+        lines[i] = (_finite_array(r["recall"] for r in rows), _finite_array(r["precision"] for r in rows))
+    ap = [r.get("average_precision") for r in classes]
+    fig = _figure(pr_curves_png(lines, ctx.class_names, ap), f"{ctx.name} PR curves",
+                  "precision against recall per class, from histograms of the saved probabilities", "plot")
+    return _section(slug, "pr-curves", title, fig)
+
+
+def _finite_array(values: Iterable) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _trimap(ctx: _SceneContext, classes: list[dict], slug: str) -> str:
+    title = "Trimap IoU"
+    miou = ctx.row.get("trimap_miou")
+    if not miou or all(_missing(v) for v in miou):
+        why = "the scene has no labels" if ctx.row.get("confusion") is None else (
+            "these reports predate trimap metrics; rerun the job"
+        )
+        return _section(slug, "trimap", title, _note(f"not computed: {why}"))
+    per_class = {int(r["class_index"]): r["trimap_iou"] for r in classes if r.get("trimap_iou")}
+    fig = _figure(trimap_png(miou, per_class, ctx.class_names), f"{ctx.name} trimap curve",
+                  "IoU inside a band of the given width around the true class boundaries", "plot")
+    return _section(slug, "trimap", title, fig)
+
+
+def _span(what: str, start: int, stop: int) -> str:
+    return f"{what} {start:,}" if stop - start == 1 else f"{what}s {start:,}–{stop - 1:,}"
+
+
+def _context_window(win: Window, scene: tuple[int, int], min_side: int) -> Window:
+    """``win`` grown (centred, inside the scene) to at least ``min_side`` pixels a side, so slivers stay visible."""
+    def grow(off: int, size: int, total: int) -> tuple[int, int]:
+        want = min(total, max(size, min_side))
+        start = min(max(0, off - (want - size) // 2), total - want)
+        return start, want
+
+    r0, h = grow(win.row_off, win.height, scene[0])
+    c0, w = grow(win.col_off, win.width, scene[1])
+    return Window(r0, c0, h, w)
+
+
+def _outline(view: Window, win: Window, shape: tuple[int, int]) -> np.ndarray:
+    """Display pixels on the edge of ``win`` inside a view of ``view`` sampled to ``shape``."""
+    rows = sample_positions(view.row_off, view.height, shape[0])
+    cols = sample_positions(view.col_off, view.width, shape[1])
+    inside = ((rows >= win.row_off) & (rows < win.row_stop))[:, None] & ((cols >= win.col_off) & (cols < win.col_stop))[None, :]
+    padded = np.pad(inside, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return inside & ~interior
+
+
+def _draw(rgb: np.ndarray, outline: np.ndarray | None) -> np.ndarray:
+    if outline is None:
+        return rgb
+    out = rgb.copy()
+    out[outline] = (255, 221, 0)
+    return out
+
+
+def _worst_tiles(ctx: _SceneContext, tiles: list[dict], slug: str) -> str:
+    scored = [t for t in tiles if not _missing(t.get("mean_iou"))]
+    title = "Worst tiles by mean IoU"
+    if scored:
+        title += f" ({min(WORST_TILES, len(scored))} of {len(scored)} scored chunks)"
+    if not scored:
+        return _section(
+            slug, "worst-tiles", title, _note("not computed: no tile has labelled pixels (or the scene has no labels)")
+        )
+    if ctx.store is None:
+        return _section(slug, "worst-tiles", title, _note("not available: mask store not found"))
+    worst = sorted(scored, key=lambda t: (t["mean_iou"], t["chunk_row"], t["chunk_col"]))[:WORST_TILES]
+    scene = (int(ctx.row["height"]), int(ctx.row["width"]))
+    cards = []
+    for t in worst:
+        win = Window(int(t["row_off"]), int(t["col_off"]), int(t["height"]), int(t["width"]))
+        view_win = _context_window(win, scene, max(MIN_TILE_VIEW, max(win.height, win.width) // 3))
+        views = _views(ctx, view_win, THUMB_SIDE, overview=False)
+        outline = None if view_win == win else _outline(view_win, win, views["shape"])
+        imgs = "".join(
+            _img(png(_draw(views[k], outline)), f"{ctx.name} tile {t['chunk_row']},{t['chunk_col']} {k}", "thumb")
+            for k in ("image", "overlay", "error") if k in views
+        )
+        context = f"; shown with {view_win.height} × {view_win.width} px around it (outlined)" if outline is not None else ""
+        caption = (
+            f"chunk ({t['chunk_row']}, {t['chunk_col']}): {_span('row', win.row_off, win.row_stop)}, "
+            f"{_span('col', win.col_off, win.col_stop)}{context}. mean IoU <b>{_fmt(t['mean_iou'])}</b>, "
+            f"pixel accuracy {_fmt(t.get('pixel_accuracy'))}, {_fmt(t.get('labelled_pixels'))} labelled px"
+        )
+        cards.append(f'<div class="tile"><div class="thumbs">{imgs}</div><p class="small">{caption}</p></div>')
+    body = f'<p class="small">image · mask overlay · error map for each chunk</p><div class="tiles">{"".join(cards)}</div>'
+    return _section(slug, "worst-tiles", title, body)
+
+
+# ---- run level ---------------------------------------------------------------------------------------------
+
+
+def _throughput(tables: RunTables) -> str:
     rows = []
-    for kind, scores in (("micro", micro), ("macro", None)):
-        if scores is not None:
-            m = scores.metrics
-            row = {k: _num(v) for k, v in m.scalars().items()}
-            row.update(
-                iou=_list(m.iou), dice=_list(m.dice), boundary_iou=_list(scores.boundary_iou),
-                average_precision=_list(scores.average_precision), mean_boundary_iou=_num(scores.mean_boundary_iou),
-                mean_average_precision=_num(scores.mean_average_precision), confusion=m.confusion.ravel().tolist(),
-            )
-        else:
-            row = {k: _macro([p.metrics.scalars()[k] for p in per_scene]) for k in per_scene[0].metrics.scalars()}
-            row.update(
-                iou=_macro_list([p.metrics.iou for p in per_scene]),
-                dice=_macro_list([p.metrics.dice for p in per_scene]),
-                boundary_iou=_macro_list([p.boundary_iou for p in per_scene]),
-                average_precision=_macro_list([p.average_precision for p in per_scene]),
-                mean_boundary_iou=_macro([p.mean_boundary_iou for p in per_scene]),
-                mean_average_precision=_macro([p.mean_average_precision for p in per_scene]),
-            )
-        row.update(aggregate=kind, scenes=len(per_scene), class_names=names, labelled_pixels=sum(p.metrics.valid_pixels for p in per_scene))
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=AGGREGATES)
+    total_mpx = total_predict = 0.0
+    for r in tables.scenes:
+        mpx = int(r["height"]) * int(r["width"]) / 1e6
+        total_mpx += mpx
+        total_predict += r.get("predict_seconds") or 0.0
+        lattice, computed = r.get("tiles_lattice"), r.get("tiles_computed")
+        rows.append((
+            r["scene"], f"{int(r['height']):,} × {int(r['width']):,}", f"{mpx:.2f}", _fmt(r.get("seconds"), 1),
+            _fmt(r.get("predict_seconds"), 1), _fmt(r.get("model_seconds"), 1), _fmt(r.get("evaluate_seconds"), 1),
+            _fmt(r.get("megapixels_per_second"), 2),
+            f"{_fmt(computed)} / {_fmt(lattice)}", _fmt(r.get("tiles_reused")), _fmt(r.get("chunks_resumed")),
+        ))
+    headers = ["scene", "size (px)", "Mpx", "seconds", "predict s", "model s", "evaluate s", "Mpx/s", "tiles computed / lattice",
+               "tiles reused", "chunks resumed"]
+    body = _table(headers, rows)
+    if total_predict > 0:
+        body += (
+            f'<p class="small">run: {total_mpx:.2f} Mpx in {total_predict:.1f} s of prediction = '
+            f"<b>{total_mpx / total_predict:.2f} Mpx/s</b></p>"
+        )
+    first = tables.scenes[0]
+    if first.get("model"):
+        setup = [f"model {first['model']}", f"tile {_fmt(first.get('tile_size'))}", f"overlap {_fmt(first.get('overlap'))}",
+                 f"chunk {_fmt(first.get('chunk_size'))}", f"stitch {first.get('stitch') or '—'}"]
+        body += f'<p class="small">{_esc(", ".join(setup))}</p>'
+    return _section(None, "throughput", "Throughput", body)
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file atomically, so a crash never leaves a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+_AGG_COLUMNS = [
+    ("scenes", "scenes"), ("labelled_pixels", "labelled px"), ("pixel_accuracy", "pixel acc."), ("mean_accuracy", "mean acc."),
+    ("mean_iou", "mean IoU"), ("mean_dice", "mean Dice"), ("frequency_weighted_iou", "FW IoU"), ("kappa", "kappa"),
+    ("mean_boundary_iou", "boundary IoU"), ("mean_average_precision", "mAP"),
+]
+
+
+def _aggregates(tables: RunTables) -> str:
+    title = "Aggregates over scenes (micro: pooled counts; macro: mean of scenes)"
+    aggs = [a for a in tables.aggregates if a.get("aggregate") in ("micro", "macro")]
+    if not aggs:
+        return _section(None, "aggregates", title, _note(
+            "not computed: this job wrote no aggregates table (jobs without labels, `evaluate` runs and reports "
+            "before schema 2 have none)"
+        ))
+    aggs.sort(key=lambda a: a["aggregate"])
+    headers = ["aggregate"] + [h for _, h in _AGG_COLUMNS]
+    body = _table(headers, [[a["aggregate"]] + [_fmt(a.get(k)) for k, _ in _AGG_COLUMNS] for a in aggs])
+    names = aggs[0].get("class_names") or []
+    if names:
+        cols, rows = ["class"], [[n] for n in names]
+        for key, label in (("iou", "IoU"), ("dice", "Dice"), ("boundary_iou", "boundary IoU"), ("average_precision", "AP")):
+            for a in aggs:
+                values = a.get(key)
+                if values:
+                    cols.append(f"{label} {a['aggregate']}")
+                    for i, row in enumerate(rows):
+                        row.append(_fmt(values[i] if i < len(values) else None))
+        body += _table(cols, rows)
+    micro = next((a for a in aggs if a["aggregate"] == "micro"), None)
+    if micro and micro.get("confusion") and len(tables.scenes) > 1 and len(micro["confusion"]) == len(names) ** 2:
+        body += _figure(confusion_png(np.asarray(micro["confusion"]), names), "run confusion matrix",
+                        "all scenes pooled (micro), rows normalised", "plot")
+    return _section(None, "aggregates", title, body)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{background:#1d2b45;color:#fff;padding:18px 32px}
+header h1{margin:0 0 6px;font-size:22px}
+header p{margin:2px 0;font-size:13px;color:#cfd7e6}
+main{max-width:1400px;margin:0 auto;padding:16px 32px 48px}
+nav{font-size:13px;margin:8px 0 16px}
+nav a{margin-right:12px;color:#1d4ed8}
+h2{border-bottom:2px solid #1d2b45;padding-bottom:4px;margin-top:36px}
+h3{margin:0 0 10px;font-size:16px}
+h4{margin:16px 0 8px;font-size:14px}
+.panel{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:14px 18px;margin:14px 0}
+.row3{display:grid;grid-template-columns:repeat(3,1fr);gap:12px}
+.row2{display:grid;grid-template-columns:minmax(240px,1fr) 3fr;gap:18px;align-items:start}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px}
+figure{margin:0}
+figure img{width:100%;height:auto;image-rendering:pixelated;border:1px solid #d0d4dc}
+figure img.plot{width:auto;max-width:100%;image-rendering:auto;border:none}
+figcaption{font-size:12px;color:#555;margin-top:4px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border-bottom:1px solid #e3e6eb;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f0f2f5}
+table.narrow{width:100%}
+.note{color:#8a5a00;background:#fff8e6;border-left:3px solid #f0b429;padding:6px 10px;font-size:13px;margin:6px 0}
+.legend{display:flex;flex-wrap:wrap;gap:6px 16px;font-size:12px;margin:8px 0}
+.swatch{display:inline-flex;align-items:center;gap:5px}
+.swatch i{display:inline-block;width:14px;height:14px;border:1px solid #888}
+.small{font-size:12px;color:#555}
+.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(400px,1fr));gap:12px}
+.tile{border:1px solid #e3e6eb;border-radius:4px;padding:8px}
+.thumbs{display:flex;gap:4px}
+.thumbs img{width:33%;height:auto;image-rendering:pixelated;border:1px solid #d0d4dc}
+"""
+
+
+def render_report(tables: RunTables) -> str:
+    """The whole page as one HTML string."""
+    scene_parts, nav = [], []
+    for row in tables.scenes:
+        ctx = _scene_context(tables, row)
+        slug = _slug(ctx.name)
+        classes = sorted(tables.classes.get(ctx.name, []), key=lambda r: r["class_index"])
+        nav.append(f'<a href="#scene-{_esc(slug)}">{_esc(ctx.name)}</a>')
+        sections = [
+            _quicklook(ctx, slug),
+            _metrics(ctx, classes, slug),
+            _confusion(ctx, slug),
+            _class_bars(ctx, classes, slug),
+            _pr_curves(ctx, classes, tables.curves.get(ctx.name, []), slug),
+            _trimap(ctx, classes, slug),
+            _worst_tiles(ctx, tables.tiles.get(ctx.name, []), slug),
+        ]
+        facts = [f'{int(row["height"]):,} × {int(row["width"]):,} px', f"{len(ctx.class_names)} classes"]
+        info = " · ".join(([_esc(row["image"])] if row.get("image") else []) + facts)
+        scene_parts.append(
+            f'<article class="scene" id="scene-{_esc(slug)}"><h2>Scene {_esc(ctx.name)}</h2><p class="small">{info}</p>'
+            + "".join(sections) + "</article>"
+        )
+    run = _throughput(tables) + _aggregates(tables)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    model = tables.scenes[0].get("model") or "—"
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>satseg report · {_esc(tables.run_dir.name)} · job {_esc(tables.job_id)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+        f"<header><h1>satseg report · {_esc(tables.run_dir.name)}</h1>"
+        f"<p>job {_esc(tables.job_id)} · model {_esc(model)} · {len(tables.scenes)} scene(s) · "
+        f"written {now} by satseg {__version__}</p><p>{_esc(tables.run_dir.resolve())}</p></header>"
+        f'<main><nav><a href="#run">Run</a>{"".join(nav)}</nav>'
+        f'<article id="run"><h2>Run</h2>{run}</article>'
+        + "".join(scene_parts)
+        + "</main></body></html>"
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, job_id: str | None = None) -> Path:
+    """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically."""
+    tables = load_run(run_dir, job_id)
+    out = Path(out) if out is not None else tables.run_dir / "report.html"
+    if not out.parent.is_dir():
+        raise SpecError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+    page = render_report(tables)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

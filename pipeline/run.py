@@ -21,15 +21,15 @@ import dask
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.boundary import boundary_width_for
+from pipeline.core.boundary import boundary_width_for
 from pipeline.cluster import connect
-from pipeline.evaluate import dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
-from pipeline.geometry import ChunkGrid
-from pipeline.metrics import SceneScores, SegmentationMetrics, scene_scores
+from pipeline.counting import dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
+from pipeline.core.geometry import ChunkGrid
+from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.overviews import write_overviews
-from pipeline.plan import ScenePlan, plan_scene
+from pipeline.core.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
-from pipeline.report import (
+from pipeline.report_tables import (
     aggregates_table,
     classes_table,
     curves_table,
@@ -227,7 +227,7 @@ def _actors(spec: JobSpec, source: ModelSource):
         cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads, tta=spec.tta, compile=spec.compile)
         for _ in range(n)
     ]
-    warm = [warm_up_task.remote() for _ in range(cpus)]  # task workers import while models build
+    warm = [warm_up_task.remote(["pipeline.counting"]) for _ in range(cpus)]  # task workers import while models build
     nodes = ray.get([a.node.remote() for a in actors])  # wait until every model is built, so timings exclude startup
     ray.get(warm)
     # Each actor picks its call shape now, while idle (on a GPU it measures memory): the same on the same kind of device.
@@ -260,14 +260,14 @@ def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: 
 class _ChunkCounting:
     """Counts each chunk in a Ray task as soon as it and its halo's chunks are written, not in a second pass.
 
-    The counts are the ones `satseg evaluate` computes (`pipeline.evaluate.block_counts`,
+    The counts are the ones `satseg evaluate` computes (`pipeline.counting.block_counts`,
     on the same chunk grid), so they equal the whole-scene computation; Dask reduces them at the end.
     """
 
     def __init__(self, plan: ScenePlan, store: Path, scene: SceneSpec, spec: JobSpec, num_classes: int, written: set):
         import ray
 
-        from pipeline.evaluate import CountSpec, block_counts, chunk_windows
+        from pipeline.counting import CountSpec, block_counts, chunk_windows
 
         self.rows, self.cols = plan.grid.shape
         labels = scene.labels is not None
@@ -308,7 +308,7 @@ class _ChunkCounting:
         """Every chunk's counts (all chunks must be written), reduced by Dask."""
         import ray
 
-        from pipeline.evaluate import reduce_counts
+        from pipeline.counting import reduce_counts
 
         order = [(r, c) for r in range(self.rows) for c in range(self.cols)]
         missing = [rc for rc in order if rc not in self._refs]

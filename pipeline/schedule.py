@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.report import write_table
+from pipeline.report_tables import write_table
 from pipeline.state import DONE, FAILED, PENDING, RUNNING, job_states, model_key, one_line, write_json
 from schemas.errors import SatsegError, SpecError
 from schemas.runs import RUNS

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import __version__
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 from pipeline.progress import progress_bar
 from pipeline.train_state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state, train_state_path
 from schemas.errors import SpecError
@@ -232,7 +232,7 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
 def _validation_miou(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, batch: int,
                      device: torch.device, amp: bool) -> float:
     """Mean IoU over all validation crops together (one confusion matrix, not a mean of per-crop scores)."""
-    from pipeline.metrics import confusion_matrix, segmentation_metrics
+    from pipeline.core.metrics import confusion_matrix, segmentation_metrics
 
     model.eval()
     confusion = np.zeros((classes, classes), dtype=np.int64)

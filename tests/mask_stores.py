@@ -8,7 +8,7 @@ import numpy as np
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 from workers.reader import SceneInfo
 from workers.writer import create_mask_store, set_store_attrs, write_mask_chunk
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import zarr
 
-from pipeline.geometry import TileLattice, Window
+from pipeline.core.geometry import TileLattice, Window
 from pipeline.run import run_job
-from pipeline.stitch import sliding_window_predict, stitch_chunk, window_weights
+from pipeline.core.stitch import sliding_window_predict, stitch_chunk, window_weights
 from tests.conftest import CLASSES
 from tests.test_pipeline import job
 from workers.predictor import ModelSource, TilePredictor

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.geometry import ChunkGrid, TileLattice, Window, reflect_index
-from pipeline.plan import plan_scene
+from pipeline.core.geometry import ChunkGrid, TileLattice, Window, reflect_index
+from pipeline.core.plan import plan_scene
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 50])

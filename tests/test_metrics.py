@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import confusion_matrix, segmentation_metrics
+from pipeline.core.metrics import confusion_matrix, segmentation_metrics
 
 
 def reference(truth, pred, c, ignore=255):

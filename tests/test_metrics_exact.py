@@ -11,8 +11,8 @@ import dask
 import numpy as np
 import pytest
 
-from pipeline.evaluate import array_raster, chunk_counts
-from pipeline.metrics import class_indices, pr_curve, scene_scores
+from pipeline.counting import array_raster, chunk_counts
+from pipeline.core.metrics import class_indices, pr_curve, scene_scores
 
 C = 5
 H, W = 61, 79
@@ -285,7 +285,7 @@ def test_unscored_pixels_neither_make_nor_break_boundaries():
 
 
 def test_boundary_ratio_follows_the_paper():
-    from pipeline.boundary import boundary_width_for
+    from pipeline.core.boundary import boundary_width_for
 
     assert boundary_width_for(512, 512, ratio=0.02) == round(0.02 * np.hypot(512, 512))
     assert boundary_width_for(10, 10, ratio=0.02) == 1  # at least one pixel
@@ -314,7 +314,7 @@ def test_ap_from_histograms_is_within_a_bin_of_ap_from_raw_scores():
 
 
 def test_micro_and_macro_aggregates():
-    from pipeline.report import aggregates_table, classes_table, curves_table
+    from pipeline.report_tables import aggregates_table, classes_table, curves_table
 
     rows_s, rows_c, rows_k, parts = [], [], [], []
     for i, (truth, pred) in enumerate([random_case(0), random_case(1)]):

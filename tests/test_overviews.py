@@ -11,7 +11,7 @@ import rioxarray  # noqa: F401
 import xarray as xr
 import zarr
 
-from pipeline.evaluate import dask_scheduler
+from pipeline.counting import dask_scheduler
 from pipeline.overviews import mode_downsample, overview_shapes, read_overview_levels, write_overviews
 from tests.mask_stores import TRANSFORM, write_store
 

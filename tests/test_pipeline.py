@@ -12,14 +12,14 @@ import torch
 import xarray as xr
 import zarr
 
-from pipeline.metrics import confusion_matrix, segmentation_metrics
+from pipeline.core.metrics import confusion_matrix, segmentation_metrics
 from pipeline.run import run_job
-from pipeline.stitch import sliding_window_predict
+from pipeline.core.stitch import sliding_window_predict
 from schemas.job import job_from_dict
 from tests.conftest import CLASSES, TINY
 from workers.predictor import TilePredictor
 from workers.reader import read_image_window
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 
 
 def job(odd_scene, out, **over):
@@ -180,7 +180,7 @@ def test_local_ray_instance_is_bound_to_loopback(ray_local):
 
 @pytest.mark.parametrize(("actors", "size"), [(1, 900), (2, 900), (4, 900), (16, 900), (3, 200)])
 def test_every_actor_gets_chunks_and_each_strip_keeps_its_order(actors, size):
-    from pipeline.plan import plan_scene
+    from pipeline.core.plan import plan_scene
     from pipeline.run import _actor_for, _strip_width
 
     plan = plan_scene(size, size, tile=64, overlap=16, chunk=96, mode="blend")

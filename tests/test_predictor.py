@@ -11,9 +11,9 @@ import torch
 import zarr
 
 from pipeline.cli import run as run_command
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 from pipeline.run import run_job
-from pipeline.stitch import sliding_window_predict
+from pipeline.core.stitch import sliding_window_predict
 from schemas.job import job_from_dict
 from tests.conftest import CLASSES
 from tests.test_pipeline import job

@@ -7,7 +7,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 from pipeline.palette import class_colours
 from pipeline.quicklook import (
     FN_COLOUR,

@@ -12,7 +12,7 @@ import rasterio
 import zarr
 
 from pipeline.cli import main
-from pipeline.metrics import class_indices
+from pipeline.core.metrics import class_indices
 from pipeline.run import run_job
 from tests.conftest import CLASSES
 from tests.test_metrics_exact import ref_average_precision, ref_boundary_iou
@@ -131,7 +131,7 @@ def _write_tif(path, data, like):
 
 def test_evaluate_maps_label_values_to_classes_for_foreign_masks(tmp_path, odd_scene, capsys):
     """Labels and a prediction coded as WorldCover-style values (10, 20, ...) with a value: name mapping in a job file."""
-    from pipeline.assess import ClassTable, assess_mask
+    from pipeline.evaluate import ClassTable, evaluate_mask
 
     raw, valid = labels_of(odd_scene)
     values = np.array([10, 20, 30, 40, 50])
@@ -144,11 +144,11 @@ def test_evaluate_maps_label_values_to_classes_for_foreign_masks(tmp_path, odd_s
     labels_tif = _write_tif(tmp_path / "labels.tif", coded, odd_scene.labels)
     pred_tif = _write_tif(tmp_path / "pred.tif", pred, odd_scene.labels)
     table = ClassTable(CLASSES, [10, 20, 30, 40, 50])
-    mapped = assess_mask(pred_tif, labels_tif, classes=table, chunk=97)
+    mapped = evaluate_mask(pred_tif, labels_tif, classes=table, chunk=97)
     # the same scene coded as indices 0..4 gives the same confusion matrix
     inv = {v: i for i, v in enumerate(values)}
     idx = lambda a: np.vectorize(lambda v: inv.get(int(v), 255))(a).astype(np.uint8)  # noqa: E731
-    direct = assess_mask(_write_tif(tmp_path / "p.tif", idx(pred), odd_scene.labels),
+    direct = evaluate_mask(_write_tif(tmp_path / "p.tif", idx(pred), odd_scene.labels),
                          _write_tif(tmp_path / "l.tif", idx(coded), odd_scene.labels), class_names=CLASSES, chunk=64)
     assert np.array_equal(mapped.metrics.confusion, direct.metrics.confusion)
     assert mapped.metrics.valid_pixels > 0.8 * coded.size
@@ -163,8 +163,8 @@ def test_evaluate_maps_label_values_to_classes_for_foreign_masks(tmp_path, odd_s
     assert scenes[0]["mean_iou"] == mapped.metrics.mean_iou
     assert scenes[0]["label_values"] == [10, 20, 30, 40, 50] and scenes[0]["mask_label_values"] is True
     # the report maps the coded mask and labels to classes too: its error map is mostly right, as the metrics are
-    from pipeline.geometry import Window
-    from pipeline.html_report import _scene_context, _views, load_run
+    from pipeline.core.geometry import Window
+    from pipeline.report import _scene_context, _views, load_run
     from pipeline.quicklook import TP_COLOUR
 
     tables = load_run(tmp_path / "ev")
@@ -175,7 +175,7 @@ def test_evaluate_maps_label_values_to_classes_for_foreign_masks(tmp_path, odd_s
 
 
 def test_evaluate_any_zarr_array_pair(tmp_path, odd_scene):
-    from pipeline.assess import assess_mask
+    from pipeline.evaluate import evaluate_mask
 
     raw, valid = labels_of(odd_scene)
     labels = np.where(valid > 0, raw, 255).astype(np.uint8)
@@ -184,11 +184,11 @@ def test_evaluate_any_zarr_array_pair(tmp_path, odd_scene):
     zarr.create_array(str(tmp_path / "labels.zarr"), data=labels, chunks=(64, 64))  # a bare array, no group
     group = zarr.open_group(str(tmp_path / "pred.zarr"), mode="w")
     group.create_array("classes", data=pred, chunks=(50, 50))
-    z = assess_mask(tmp_path / "pred.zarr", tmp_path / "labels.zarr", class_names=CLASSES, out=tmp_path / "ev")
-    tif = assess_mask(_write_tif(tmp_path / "p.tif", pred, odd_scene.labels), odd_scene.labels, class_names=CLASSES, chunk=80)
+    z = evaluate_mask(tmp_path / "pred.zarr", tmp_path / "labels.zarr", class_names=CLASSES, out=tmp_path / "ev")
+    tif = evaluate_mask(_write_tif(tmp_path / "p.tif", pred, odd_scene.labels), odd_scene.labels, class_names=CLASSES, chunk=80)
     assert np.array_equal(z.metrics.confusion, tif.metrics.confusion)
     np.testing.assert_array_equal(z.scores.boundary_iou, tif.scores.boundary_iou)
-    from pipeline.html_report import write_report
+    from pipeline.report import write_report
 
     assert write_report(tmp_path / "ev").stat().st_size > 10_000  # a report of a foreign Zarr mask renders
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pipeline.cli import main
-from pipeline.geometry import ChunkGrid
+from pipeline.core.geometry import ChunkGrid
 from pipeline.run import run_job
 from pipeline.state import DONE, FAILED, PENDING, RUNNING, SceneState, job_states, model_key, one_line, write_scene_state
 from pipeline.synthetic import write_synthetic_scene

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.geometry import ChunkGrid, Window
-from pipeline.plan import plan_scene
-from pipeline.stitch import WINDOW_FUNCTIONS, sliding_window_predict, stitch_chunk, window_weights
+from pipeline.core.geometry import ChunkGrid, Window
+from pipeline.core.plan import plan_scene
+from pipeline.core.stitch import WINDOW_FUNCTIONS, sliding_window_predict, stitch_chunk, window_weights
 
 C = 4
 
@@ -22,7 +22,7 @@ def context_model(batch: np.ndarray) -> np.ndarray:
 
 def chunked_predict(image: np.ndarray, *, tile, overlap, chunk, mode, window="hann") -> np.ndarray:
     """The pipeline's path without Ray: per chunk, read its extent from a virtually padded image."""
-    from pipeline.geometry import reflect_index
+    from pipeline.core.geometry import reflect_index
 
     _, h, w = image.shape
     plan = plan_scene(h, w, tile=tile, overlap=overlap, chunk=chunk, mode=mode)
@@ -68,7 +68,7 @@ def test_blend_differs_from_crop_and_reduces_to_model_on_single_tile(image):
 
 def test_blend_is_the_weighted_mean_of_covering_tiles():
     """Independent check of blending on a 1-D-like toy: two tiles overlapping."""
-    from pipeline.geometry import TileLattice
+    from pipeline.core.geometry import TileLattice
 
     lattice = TileLattice(32, 56, 32, 8)  # stride 24, margin 4
     weights = window_weights("triangular", 32)
@@ -99,7 +99,7 @@ def test_window_weights_are_positive_and_symmetric(name):
 
 def test_uncovered_pixels_are_nodata():
     grid = ChunkGrid(10, 10, 10)
-    from pipeline.geometry import TileLattice
+    from pipeline.core.geometry import TileLattice
 
     out = stitch_chunk(grid.window(0, 0), [], lattice=TileLattice(10, 10, 32, 0), mode="blend", num_classes=C, weights=window_weights("hann", 32))
     assert (out == 255).all()
@@ -128,8 +128,8 @@ def test_tile_cache_keeps_shared_tiles_until_every_chunk_used_them():
 def test_torch_tensors_stitch_to_the_same_bits_as_numpy_arrays(mode):
     import torch
 
-    from pipeline.geometry import TileLattice
-    from pipeline.stitch import quantise_probabilities
+    from pipeline.core.geometry import TileLattice
+    from pipeline.core.stitch import quantise_probabilities
 
     lattice = TileLattice(150, 170, 64, 16)
     chunk = Window(7, 11, 120, 140)

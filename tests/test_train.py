@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.cli import main as cli_main
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 from pipeline.synthetic import DEMO_CLASSES, write_synthetic_scene
 from pipeline.train import improves, split_scene, train_model
 from pipeline.train_state import train_state_path
@@ -35,8 +35,8 @@ def test_short_training_reduces_loss_and_checkpoint_carries_metadata(tmp_path):
 def test_evaluate_geotiff_prediction_equals_direct_count(tmp_path, odd_scene):
     import rasterio
 
-    from pipeline.assess import assess_mask
-    from pipeline.metrics import confusion_matrix
+    from pipeline.evaluate import evaluate_mask
+    from pipeline.core.metrics import confusion_matrix
 
     with rasterio.open(odd_scene.labels) as src:
         labels = src.read(1)
@@ -46,7 +46,7 @@ def test_evaluate_geotiff_prediction_equals_direct_count(tmp_path, odd_scene):
     path = tmp_path / "pred.tif"
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(pred, 1)
-    result = assess_mask(path, odd_scene.labels, class_names=DEMO_CLASSES, chunk=97, out=tmp_path / "eval")
+    result = evaluate_mask(path, odd_scene.labels, class_names=DEMO_CLASSES, chunk=97, out=tmp_path / "eval")
     expected = confusion_matrix(labels.astype(np.int64), pred, 5)
     assert np.array_equal(result.metrics.confusion, expected)
     assert (tmp_path / "eval" / "reports" / "scenes").is_dir()

@@ -25,10 +25,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.geometry import Window
-from pipeline.plan import ChunkTask, ScenePlan
-from pipeline.metrics import MASK_NODATA
-from pipeline.stitch import class_argmax, quantise_probabilities, stitch_chunk, window_weights
+from pipeline.core.geometry import Window
+from pipeline.core.plan import ChunkTask, ScenePlan
+from pipeline.core.metrics import MASK_NODATA
+from pipeline.core.stitch import class_argmax, quantise_probabilities, stitch_chunk, window_weights
 from workers.reader import WindowData, normalise
 from workers.tta import dihedral_transforms
 

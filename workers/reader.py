@@ -18,7 +18,7 @@ from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window as RioWindow
 
-from pipeline.geometry import Window, reflect_index
+from pipeline.core.geometry import Window, reflect_index
 from schemas.errors import InputFileError, MismatchError
 
 __all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window", "check_bands",

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import ray
 
-from pipeline.geometry import Window
+from pipeline.core.geometry import Window
 from workers.reader import WindowData, read_image_window
 from workers.writer import mark_chunk_done, write_mask_chunk, write_probabilities_chunk
 
@@ -31,8 +31,10 @@ def write_chunk_task(store: str, window: Window, mask: np.ndarray | tuple, marke
 
 
 @ray.remote
-def warm_up_task() -> int:
-    """Nothing but this module's imports (GDAL, Zarr): run while the models build, so the first read starts at once."""
-    import pipeline.evaluate  # noqa: F401  (what the counting tasks import)
+def warm_up_task(modules: Sequence[str] = ()) -> int:
+    """Import this module (GDAL, Zarr) and ``modules``: run while the models build, so the first read starts at once."""
+    import importlib
 
+    for name in modules:
+        importlib.import_module(name)
     return 0

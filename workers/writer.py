@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.geometry import Window
-from pipeline.metrics import MASK_NODATA
+from pipeline.core.geometry import Window
+from pipeline.core.metrics import MASK_NODATA
 from workers.reader import SceneInfo
 
 __all__ = [

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    from pipeline.html_report import write_report
+    from pipeline.report import write_report
 
     result = run_demo(args.out, show_progress=not args.quiet, address=args.address)
     print_job_summary(result)

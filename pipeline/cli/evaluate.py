@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.assess import ClassTable, assess_mask, parse_classes
+    from pipeline.evaluate import ClassTable, evaluate_mask, parse_classes
     from schemas.errors import SpecError
 
     settings = {"ignore_index": 255, "boundary_width": 3, "boundary_ratio": None, "trimap_max_width": 10}
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         raise SpecError("--boundary-width and --trimap-max-width take 1 to 256 pixels")
     if settings["boundary_ratio"] is not None and not 0 < settings["boundary_ratio"] < 1:
         raise SpecError(f"--boundary-ratio {settings['boundary_ratio']}: give a ratio between 0 and 1, e.g. 0.02")
-    result = assess_mask(args.pred, args.labels, classes=table, out=args.out, chunk=args.chunk_size, **settings)
+    result = evaluate_mask(args.pred, args.labels, classes=table, out=args.out, chunk=args.chunk_size, **settings)
     print_metrics(f"{result.name}: per-class metrics", result.class_names, result.metrics, result.scores)
     if result.reports:
         print(f"reports: {result.reports} (job id {result.job_id})")

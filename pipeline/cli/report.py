@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.html_report import write_report
+    from pipeline.report import write_report
 
     path = write_report(args.run_dir, args.out, job_id=args.job)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in any browser)")

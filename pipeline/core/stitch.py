@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
-from pipeline.geometry import TileLattice, Window, reflect_index
-from pipeline.metrics import MASK_NODATA
+from pipeline.core.geometry import TileLattice, Window, reflect_index
+from pipeline.core.metrics import MASK_NODATA
 
 __all__ = [
     "WINDOW_FUNCTIONS",

@@ -16,9 +16,9 @@ import rasterio
 import zarr
 from PIL import Image
 
-from pipeline import html_report
+from pipeline import report as report_page
 from pipeline.cli import main
-from pipeline.html_report import RUN_SECTIONS, SECTIONS, load_run, render_report, write_report
+from pipeline.report import RUN_SECTIONS, SECTIONS, load_run, render_report, write_report
 from pipeline.overviews import write_overviews
 from pipeline.quicklook import TP_COLOUR, UNSCORED_COLOUR, WRONG_COLOUR, sample_positions
 from pipeline.run import run_job
@@ -115,7 +115,7 @@ def test_report_holds_every_section_and_every_image_decodes(run_dir, tmp_path):
             assert section["images"] > 0 and not section["notes"], (sid, section)
         elif section["kind"] not in with_data:
             assert section["notes"] and section["notes"][0].startswith("not computed"), (sid, section)
-    assert page.sections["odd-worst-tiles"]["images"] == 3 * html_report.WORST_TILES
+    assert page.sections["odd-worst-tiles"]["images"] == 3 * report_page.WORST_TILES
 
 
 def test_error_map_marks_each_pixel_against_the_labels(run_dir, arrays, tmp_path):
@@ -131,7 +131,7 @@ def test_decimated_quicklook_uses_the_overview_level_and_full_resolution_errors(
     mask, labels = arrays
     store = run_dir / "masks" / "odd.zarr"
     write_overviews(store, max_size=128)
-    monkeypatch.setattr(html_report, "QUICKLOOK_SIDE", 150)
+    monkeypatch.setattr(report_page, "QUICKLOOK_SIDE", 150)
     text = write_report(run_dir, tmp_path / "report.html").read_text()
     page = Page(text)
     assert "from the overview level 1 (1/2)" in text

@@ -15,7 +15,7 @@ they neither make nor break a boundary, so unknown truth never moves a band.
 Functions here work on a block padded by a halo of ``depth`` pixels on every
 side, where pixels beyond the scene edge hold ``OUTSIDE``, and answer for the
 block's centre. Given the halo from the neighbouring chunks (each chunk
-task reads it, see ``pipeline/evaluate.py``), a chunk's answer equals the
+task reads it, see ``pipeline/counting.py``), a chunk's answer equals the
 whole-scene computation.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.geometry import ChunkGrid, TileLattice, Window
+from pipeline.core.geometry import ChunkGrid, TileLattice, Window
 
 __all__ = ["ChunkTask", "ScenePlan", "plan_scene"]
 

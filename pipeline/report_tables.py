@@ -1,0 +1,269 @@
+"""Report assembly: tiles, classes, scenes, curves and aggregates tables from counts and metrics (pure), and writing them.
+
+The tiles table is GeoParquet 1.1: each chunk's footprint as a WKB polygon in
+the scene CRS (PROJJSON in the ``geo`` metadata), with a ``bbox`` covering column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.counting import ChunkCounts
+from pipeline.core.metrics import PROBABILITY_LEVELS, SceneScores, boundary_iou, scene_scores, segmentation_metrics
+from pipeline.core.plan import ScenePlan
+from schemas.reports import AGGREGATES, CLASSES, CURVES, SCENES, TILES
+from workers.reader import SceneInfo
+
+__all__ = [
+    "tiles_table",
+    "classes_table",
+    "scenes_table",
+    "curves_table",
+    "aggregates_table",
+    "histograms_from_curves",
+    "scores_from_rows",
+    "write_table",
+]
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _list(a: np.ndarray | None) -> list[float | None] | None:
+    return None if a is None else [_num(float(v)) for v in a]
+
+
+def _polygon_wkb(minx: float, miny: float, maxx: float, maxy: float) -> bytes:
+    """A rectangle as little-endian WKB, exterior ring counter-clockwise."""
+    ring = [(minx, miny), (maxx, miny), (maxx, maxy), (minx, maxy), (minx, miny)]
+    return struct.pack("<BIII", 1, 3, 1, len(ring)) + b"".join(struct.pack("<dd", x, y) for x, y in ring)
+
+
+def _projjson(crs_wkt: str | None) -> dict | None:
+    if not crs_wkt:
+        return None
+    from pyproj import CRS
+
+    return CRS.from_wkt(crs_wkt).to_json_dict()
+
+
+def _geo_metadata(crs_wkt: str | None, boxes: list[tuple[float, float, float, float]]) -> bytes:
+    column = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "crs": _projjson(crs_wkt),  # null: the CRS is unknown (a missing key would mean OGC:CRS84)
+        "orientation": "counterclockwise",
+        "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
+    }
+    if boxes:
+        b = np.asarray(boxes)
+        column["bbox"] = [float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())]
+    return json.dumps({"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}).encode()
+
+
+def tiles_table(scene: str, plan: ScenePlan, info: SceneInfo, counts: ChunkCounts) -> pa.Table:
+    """One row per output chunk: its footprint, how many pixels, and how good (GeoParquet)."""
+    rows, boxes = [], []
+    for r, c in plan.grid:
+        win = plan.grid.window(r, c)
+        box = info.bounds(win)
+        boxes.append(box)
+        row = {
+            "scene": scene,
+            "chunk_row": r,
+            "chunk_col": c,
+            "row_off": win.row_off,
+            "col_off": win.col_off,
+            "height": win.height,
+            "width": win.width,
+            "geometry": _polygon_wkb(*box),
+            "bbox": dict(zip(("xmin", "ymin", "xmax", "ymax"), box)),
+            "valid_pixels": int(counts.valid[r, c]),
+            "predicted_pixels": counts.predicted[r, c].tolist(),
+        }
+        if counts.confusion is not None:
+            m = segmentation_metrics(counts.confusion[r, c])
+            row.update(
+                confusion=m.confusion.ravel().tolist(),
+                labelled_pixels=m.valid_pixels,
+                pixel_accuracy=_num(m.pixel_accuracy),
+                mean_iou=_num(m.mean_iou),
+                iou=_list(m.iou),
+            )
+        if counts.boundary is not None:
+            b = boundary_iou(counts.boundary[r, c])
+            row.update(boundary_iou=_list(b), mean_boundary_iou=_num(float(np.nanmean(b)) if np.isfinite(b).any() else float("nan")))
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=TILES)
+    return table.replace_schema_metadata({**table.schema.metadata, b"geo": _geo_metadata(info.crs, boxes)})
+
+
+def classes_table(scene: str, class_names: list[str], scores: SceneScores | None, predicted: np.ndarray) -> pa.Table:
+    """One row per class of one scene; metric columns are null without labels (AP also without probabilities)."""
+    rows = []
+    for i, name in enumerate(class_names):
+        row = {"scene": scene, "class_index": i, "class_name": name, "predicted_pixels": int(predicted[i])}
+        if scores is not None:
+            metrics = scores.metrics
+            m = metrics.confusion
+            row.update(
+                truth_pixels=int(m[i].sum()),
+                true_positives=int(m[i, i]),
+                iou=_num(float(metrics.iou[i])),
+                dice=_num(float(metrics.dice[i])),
+                accuracy=_num(float(metrics.class_accuracy[i])),
+                precision=_num(float(metrics.precision[i])),
+                recall=_num(float(metrics.recall[i])),
+            )
+            if scores.boundary_counts is not None:
+                gt, pr, inter = (int(v) for v in scores.boundary_counts[:, i])
+                row.update(
+                    boundary_truth_pixels=gt, boundary_predicted_pixels=pr, boundary_intersection=inter,
+                    boundary_iou=_num(float(scores.boundary_iou[i])),
+                )
+            if scores.trimap_iou is not None:
+                row["trimap_iou"] = _list(scores.trimap_iou[:, i])
+            if scores.average_precision is not None:
+                row["average_precision"] = _num(float(scores.average_precision[i]))
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=CLASSES)
+
+
+def scenes_table(row: dict, scores: SceneScores | None) -> pa.Table:
+    """The one-row scenes table of a scene: provenance, sizes, timings and every scalar metric."""
+    row = dict(row)
+    if scores is not None:
+        metrics = scores.metrics
+        row.update({k: _num(v) for k, v in metrics.scalars().items()})
+        row["labelled_pixels"] = metrics.valid_pixels
+        row["confusion"] = metrics.confusion.ravel().tolist()
+        row["mean_boundary_iou"] = _num(scores.mean_boundary_iou)
+        row["mean_average_precision"] = _num(scores.mean_average_precision)
+        row["trimap_miou"] = _list(scores.trimap_miou)
+    return pa.Table.from_pylist([row], schema=SCENES)
+
+
+def curves_table(scene: str, class_names: list[str], scores: SceneScores | None) -> pa.Table:
+    """Precision-recall points per class, one per stored probability level that holds a pixel."""
+    rows = []
+    for i, curve in enumerate((scores.curves if scores is not None else None) or []):
+        for k in range(len(curve.thresholds)):
+            rows.append({
+                "scene": scene, "class_index": i, "class_name": class_names[i], "threshold": float(curve.thresholds[k]),
+                "precision": _num(float(curve.precision[k])), "recall": _num(float(curve.recall[k])),
+                "true_positives": int(curve.true_positives[k]), "false_positives": int(curve.false_positives[k]),
+            })
+    return pa.Table.from_pylist(rows, schema=CURVES)
+
+
+def histograms_from_curves(rows: list[dict], num_classes: int) -> np.ndarray:
+    """The (2, C, 256) probability histograms a scene's curves were made from (cumulative counts, differenced)."""
+    hist = np.zeros((2, num_classes, PROBABILITY_LEVELS), dtype=np.int64)
+    last = {}
+    for row in sorted(rows, key=lambda r: (r["class_index"], -r["threshold"])):
+        c = row["class_index"]
+        level = int(round(row["threshold"] * (PROBABILITY_LEVELS - 1)))
+        tp0, fp0 = last.get(c, (0, 0))
+        hist[0, c, level] = row["true_positives"] - tp0
+        hist[1, c, level] = row["false_positives"] - fp0
+        last[c] = (row["true_positives"], row["false_positives"])
+    return hist
+
+
+def scores_from_rows(scene: dict, classes: list[dict], curves: list[dict]) -> SceneScores | None:
+    """A scene's scores from its rows in the scenes, classes and curves tables (exact: counts are stored)."""
+    if scene.get("confusion") is None:
+        return None
+    confusion, boundary, hist = _scene_counts(scene, classes, curves)
+    return scene_scores(confusion, boundary, None, hist)
+
+
+def _scene_counts(scene: dict, classes: list[dict], curves: list[dict]) -> tuple:
+    c = scene["num_classes"]
+    confusion = np.asarray(scene["confusion"], dtype=np.int64).reshape(c, c)
+    by_index = sorted(classes, key=lambda r: r["class_index"])
+    boundary = None
+    if by_index and all(r.get("boundary_truth_pixels") is not None for r in by_index):
+        boundary = np.array(
+            [[r[k] for r in by_index] for k in ("boundary_truth_pixels", "boundary_predicted_pixels", "boundary_intersection")],
+            dtype=np.int64,
+        )
+    hist = histograms_from_curves(curves, c) if curves else None
+    return confusion, boundary, hist
+
+
+def _macro(values: list[float]) -> float | None:
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    return _num(float(np.nanmean(v))) if np.isfinite(v).any() else None
+
+
+def _macro_list(lists: list[np.ndarray | None]) -> list[float | None] | None:
+    arrays = [a for a in lists if a is not None]
+    if not arrays:
+        return None
+    stack = np.stack(arrays)
+    out = np.full(stack.shape[1], np.nan)
+    has = np.isfinite(stack).any(axis=0)
+    out[has] = np.nanmean(stack[:, has], axis=0)
+    return _list(out)
+
+
+def aggregates_table(scenes: list[dict], classes: list[dict], curves: list[dict]) -> pa.Table:
+    """Micro (counts pooled over scenes, then the metric) and macro (mean of the scenes' metrics) rows.
+
+    Inputs are rows of the job's scenes, classes and curves tables; only scenes
+    with labels count, and all must share one class list.
+    """
+    labelled = [s for s in scenes if s.get("confusion") is not None]
+    if not labelled:
+        return pa.Table.from_pylist([], schema=AGGREGATES)
+    names = list(labelled[0]["class_names"])
+    per_scene, hists = [], []
+    for s in labelled:
+        mine = [r for r in classes if r["scene"] == s["scene"]]
+        confusion, boundary, hist = _scene_counts(s, mine, [r for r in curves if r["scene"] == s["scene"]])
+        per_scene.append(scene_scores(confusion, boundary, None, hist))
+        hists.append(hist)
+    pooled_boundary = None if any(p.boundary_counts is None for p in per_scene) else sum(p.boundary_counts for p in per_scene)
+    pooled_hist = None if any(h is None for h in hists) else sum(hists)
+    micro = scene_scores(sum(p.metrics.confusion for p in per_scene), pooled_boundary, None, pooled_hist)
+    rows = []
+    for kind, scores in (("micro", micro), ("macro", None)):
+        if scores is not None:
+            m = scores.metrics
+            row = {k: _num(v) for k, v in m.scalars().items()}
+            row.update(
+                iou=_list(m.iou), dice=_list(m.dice), boundary_iou=_list(scores.boundary_iou),
+                average_precision=_list(scores.average_precision), mean_boundary_iou=_num(scores.mean_boundary_iou),
+                mean_average_precision=_num(scores.mean_average_precision), confusion=m.confusion.ravel().tolist(),
+            )
+        else:
+            row = {k: _macro([p.metrics.scalars()[k] for p in per_scene]) for k in per_scene[0].metrics.scalars()}
+            row.update(
+                iou=_macro_list([p.metrics.iou for p in per_scene]),
+                dice=_macro_list([p.metrics.dice for p in per_scene]),
+                boundary_iou=_macro_list([p.boundary_iou for p in per_scene]),
+                average_precision=_macro_list([p.average_precision for p in per_scene]),
+                mean_boundary_iou=_macro([p.mean_boundary_iou for p in per_scene]),
+                mean_average_precision=_macro([p.mean_average_precision for p in per_scene]),
+            )
+        row.update(aggregate=kind, scenes=len(per_scene), class_names=names, labelled_pixels=sum(p.metrics.valid_pixels for p in per_scene))
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=AGGREGATES)
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file atomically, so a crash never leaves a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
