@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +161,7 @@ def feed_rates(image: Path, labels: Path, size: int, tile: int, overlap: int, ch
     from pipeline.counting import CountSpec, block_counts, geotiff_raster, mask_raster
     from pipeline.core.plan import plan_scene
     from workers.reader import open_scene, read_image_window
-    from workers.writer import create_mask_store, write_mask_chunk
+    from workers.mask_store import create_mask_store, write_mask_chunk
 
     torch.set_num_threads(1)
     info = open_scene(image)
@@ -171,7 +170,7 @@ def feed_rates(image: Path, labels: Path, size: int, tile: int, overlap: int, ch
     predictor = TilePredictor(source, device="cpu", batch_size=1, threads=1)
     store = image.parent.parent / f"feed_{size}_{stitch}.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    create_mask_store(store, info, chunk, {})
+    create_mask_store(store, info, chunk, class_names=list(DEMO_CLASSES), job_id="benchmark")
     seconds = dict.fromkeys(("read", "tile + stitch", "write", "count"), 0.0)
     bands = list(range(1, info.count + 1))
     for task in plan.tasks():

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-
-# Ray reads this when it is first imported: with it, a local instance binds to 127.0.0.1
-# instead of every interface. Set before anything imports ray (this module is imported first).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 __all__ = ["connect", "code_runtime_env", "REPO_ROOT"]
 
@@ -25,14 +22,62 @@ def code_runtime_env() -> dict:
     return {"working_dir": str(REPO_ROOT), "excludes": list(_CODE_EXCLUDES)}
 
 
-_ON_CLUSTER = False  # whether this process joined a cluster (then Dask runs on Ray too)
+# Ray's switch for "cluster mode"; "0" (satseg's default) keeps 127.0.0.1 as 127.0.0.1. See _loopback_kept.
+_CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_kept():
+    """While ``ray.init`` runs, a 127.0.0.1 node IP or GCS address stays 127.0.0.1.
+
+    In cluster mode (Linux's default) ``ray.init`` swaps a loopback
+    ``_node_ip_address``, and the host of a loopback ``address``, for the
+    machine's outward IP (``ray._private.services.resolve_ip_for_localhost``):
+    a local instance would then listen on every interface, and a head started
+    on 127.0.0.1 (`satseg cluster start`, ``ray.cluster_utils.Cluster`` in the
+    tests) could not be reached. Ray's only public switch is the variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, and Ray reads it once, when
+    ``ray`` is first imported, into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``;
+    so, whatever imported ray first, the constant is set here for the call and
+    restored after it. This is satseg's one use of ``ray._private`` for it; Ray
+    consults the constant only while no node is connected (after ``ray.init``
+    the node's own IP answers), and the processes ``ray.init`` starts take the
+    node IP from their command line, so nothing else needs the variable.
+    A value other than "0" in the environment opts out: Ray's choice stands.
+    """
+    if os.environ.get(_CLUSTER_MODE_ENV, "0") != "0":
+        yield
+        return
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _joined_cluster() -> bool:
+    """Whether the Ray this process is connected to is a cluster it joined, not a local instance it started.
+
+    Read from the job's runtime env, which Ray keeps: ``connect`` ships the
+    code (a ``working_dir``) to every cluster it joins, and a job submitted by
+    `satseg submit` brings one; a local instance runs this checkout and has none.
+    """
+    import ray
+
+    return bool(ray.get_runtime_context().runtime_env.get("working_dir"))
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
-    """Initialise Ray once per process; returns True when a cluster address was used.
+    """Initialise Ray once per process; returns True when on a cluster (then Dask runs on Ray too).
 
-    Without an address (and no ``RAY_ADDRESS``) a local instance starts on
-    127.0.0.1 with no dashboard, so no traffic leaves the machine.
+    With an address (or ``RAY_ADDRESS``) it joins that cluster. Without, a
+    local instance starts with every address on 127.0.0.1 and no dashboard, so
+    no traffic leaves the machine, whether or not ray was imported before.
+    When Ray is already initialised it starts nothing and says whether that
+    Ray is a cluster: True when given an address, else as Ray records it.
     """
     import ray
 
@@ -44,30 +89,26 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
             f"{address} is a Jobs API (dashboard) address: use `satseg submit JOB.yaml --address {address}`, "
             "or give `satseg run` the cluster's GCS address HOST:6379"
         )
+    if ray.is_initialized():
+        return address is not None or _joined_cluster()
     # GDAL's block cache stays small: each block is read about once, so a big cache only grows.
     # (A low MALLOC_MMAP_THRESHOLD_ kept the actor's heap flat but made torch's CPU forward
     # passes ~40% slower through page faults: measured, not used.)
-    global _ON_CLUSTER
     env_vars = {"GDAL_CACHEMAX": "128"}
-    if ray.is_initialized():
-        return _ON_CLUSTER or address is not None
-    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before this module
     if address:
         runtime_env = {"env_vars": env_vars}
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job's driver: the job already ships the code
             runtime_env.update(code_runtime_env())
-        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
-        _ON_CLUSTER = True
+        with _loopback_kept():  # a head on 127.0.0.1 is reached at 127.0.0.1
+            ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
         return True
-    ray.init(
-        num_cpus=num_cpus,
-        runtime_env={"env_vars": env_vars},
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    with _loopback_kept():
+        ray.init(
+            num_cpus=num_cpus,
+            runtime_env={"env_vars": env_vars},
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
     return False

@@ -15,14 +15,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from pipeline.core.metrics import MASK_NODATA
 from pipeline.palette import NODATA_COLOUR, class_colours
-from schemas.errors import InputFileError, OutputConflictError, SpecError
-from schemas.store import is_zarr_node
+from schemas.errors import OutputConflictError, SpecError
+from schemas.store import replacing
+from workers.mask_store import MaskStore, open_mask_store
 
-__all__ = ["COG_BLOCK", "CogResult", "MaskStore", "open_mask_store", "export_cog"]
+__all__ = ["COG_BLOCK", "CogResult", "export_cog"]
 
 COG_BLOCK = 512
 
@@ -33,42 +33,6 @@ class CogResult:
     shape: tuple[int, int]
     class_names: list[str]
     overviews: list[int]  # decimation factors GDAL wrote
-
-
-@dataclass(frozen=True)
-class MaskStore:
-    """A complete satseg mask store: its array and what the COG needs from its attributes."""
-
-    path: Path
-    array: object  # zarr.Array of the mask
-    class_names: list[str]
-    crs: object  # rasterio CRS or None
-    transform: tuple[float, float, float, float, float, float]
-
-
-def open_mask_store(store: str | Path) -> MaskStore:
-    """Open a satseg mask store, refusing anything else and masks whose job did not finish."""
-    import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import xarray as xr
-    import zarr
-
-    store = Path(store)
-    if not store.exists():
-        raise InputFileError(f"{store}: mask store not found; give OUT/masks/<scene>.zarr of a finished job")
-    if not (is_zarr_node(store) and is_zarr_node(store / "mask")):
-        raise InputFileError(f"{store}: not a satseg mask store (no Zarr `mask` array); give OUT/masks/<scene>.zarr")
-    arr = zarr.open_array(str(store), path="mask", mode="r")
-    if arr.ndim != 2 or arr.dtype != np.uint8:
-        raise InputFileError(f"{store}: `mask` is {arr.ndim}-D {arr.dtype}, not a 2-D uint8 class mask; give a satseg mask store")
-    if arr.attrs.get("satseg_complete") is not True:
-        raise InputFileError(f"{store}: mask is not complete (its job was interrupted); rerun the job to finish it, then export")
-    names = arr.attrs.get("class_names") or []
-    if isinstance(names, str):
-        names = json.loads(names)
-    with xr.open_zarr(store, decode_coords="all") as ds:
-        crs = ds["mask"].rio.crs
-        transform = tuple(ds["mask"].rio.transform())[:6]
-    return MaskStore(store, arr, list(names), crs, transform)
 
 
 def _colormap(num_classes: int) -> dict[int, tuple[int, int, int, int]]:
@@ -113,22 +77,21 @@ def export_cog(store: str | Path, out: str | Path, *, overwrite: bool = False) -
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise SpecError(f"--cog {out}: a COG is a GeoTIFF; give a path ending in .tif")
-    mask = open_mask_store(store)
+    mask = open_mask_store(store, then="export")
     if out.exists() and not overwrite:
         raise OutputConflictError(f"{out}: already exists; pass --overwrite or choose another path")
     if not out.parent.is_dir():
         raise SpecError(f"--cog {out}: folder {out.parent} does not exist; create it or choose another path")
-    stem = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    source, cog = stem.with_suffix(".src.tif"), stem.with_suffix(".cog.tif")
+    source = out.parent / f".{out.name}.tmp-{os.getpid()}.src.tif"
     try:
         _write_source(mask, source)
-        rasterio.shutil.copy(
-            source, cog, driver="COG", BLOCKSIZE=COG_BLOCK, COMPRESS="DEFLATE", RESAMPLING="MODE",
-            OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER",
-        )
-        os.replace(cog, out)
+        with replacing(out, "path") as cog:
+            rasterio.shutil.copy(
+                source, cog, driver="COG", BLOCKSIZE=COG_BLOCK, COMPRESS="DEFLATE", RESAMPLING="MODE",
+                OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER",
+            )
     finally:
-        for tmp in (source, cog, source.with_name(source.name + ".aux.xml")):
+        for tmp in (source, source.with_name(source.name + ".aux.xml")):
             tmp.unlink(missing_ok=True)
     with rasterio.open(out) as src:
         factors = src.overviews(1)

@@ -125,13 +125,16 @@ def array_raster(values: np.ndarray, chunk: int, nodata: float | None = None) ->
 def mask_raster(store: str | Path) -> Raster:
     """A satseg mask store's class mask (255 = nodata), chunked as stored."""
     from pipeline.core.metrics import MASK_NODATA
+    from workers.mask_store import MASK
 
-    return zarr_raster(store, "mask", MASK_NODATA)
+    return zarr_raster(store, MASK, MASK_NODATA)
 
 
 def probabilities_raster(store: str | Path) -> Raster:
     """A satseg mask store's class probabilities (C, H, W) uint8."""
-    return zarr_raster(store, "probabilities")
+    from workers.mask_store import PROBABILITIES
+
+    return zarr_raster(store, PROBABILITIES)
 
 
 def _read_padded(raster: Raster, window: Window, depth: int) -> np.ndarray:

@@ -19,7 +19,7 @@ SCENE_SIZE = (2100, 1900)  # odd on purpose: not a multiple of tile or chunk
 
 def prepare_demo(root: Path, *, show_progress: bool = True) -> tuple[Path, Path, Path]:
     """Demo scene, its labels and a trained checkpoint under ``root`` (reused when present)."""
-    from pipeline.train import train_model
+    from pipeline.train import TrainData, TrainSettings, train_model
 
     data = root / "data"
     scene = data / "demo_scene.tif"
@@ -33,8 +33,9 @@ def prepare_demo(root: Path, *, show_progress: bool = True) -> tuple[Path, Path,
     ckpt = root / "model" / f"demo-{DEMO_MODEL}.safetensors"
     if not ckpt.exists():
         train_model(
-            [train_img], [train_lbl], DEMO_MODEL, ckpt, epochs=8, steps_per_epoch=40, batch_size=8, crop=128,
-            lr=3e-3, class_names=DEMO_CLASSES, model_options=DEMO_OPTIONS, seed=0, show_progress=show_progress,
+            TrainData([train_img], [train_lbl], class_names=DEMO_CLASSES), DEMO_MODEL, ckpt,
+            TrainSettings(epochs=8, steps_per_epoch=40, batch_size=8, crop=128, lr=3e-3, seed=0),
+            model_options=DEMO_OPTIONS, show_progress=show_progress,
         )
     return scene, labels, ckpt
 

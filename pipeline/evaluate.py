@@ -8,28 +8,28 @@ classes by the same value -> class table as the labels.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
 import numpy as np
-import zarr
 
 from pipeline import __version__
 from pipeline.core.boundary import boundary_width_for
 from pipeline.counting import Raster, chunk_counts, geotiff_raster, mask_raster, probabilities_raster, zarr_raster
 from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
-from pipeline.core.plan import plan_scene
-from pipeline.report_tables import classes_table, curves_table, scenes_table, tiles_table, write_table
+from pipeline.core.geometry import ChunkGrid
+from pipeline.report_tables import write_scene_reports
 from schemas.errors import InputFileError, MismatchError, SpecError
 from schemas.store import OutputLayout, is_zarr_node
-from workers.reader import SceneInfo, open_scene
+from workers.mask_store import MASK, is_mask_store, open_mask_store, zarr_georeference, zarr_mask
+from workers.reader import SceneInfo, grid_difference, open_scene
 
-__all__ = ["Evaluation", "ClassTable", "parse_classes", "evaluate_mask", "zarr_mask_array"]
+__all__ = ["Evaluation", "ClassTable", "parse_classes", "evaluate_mask"]
+
+_NO_TRANSFORM = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # a raster without CRS: pixel units, north up
 
 
 @dataclass(frozen=True)
@@ -80,64 +80,25 @@ class _Raster:
     georeferenced: bool = True
 
 
-def zarr_mask_array(path: str | Path) -> zarr.Array:
-    """The 2-D mask array of a Zarr path: the array itself, a store's ``mask``, or a store's only 2-D array."""
-    return _zarr_array(Path(path), "prediction")[0]
-
-
-def _zarr_array(path: Path, role: str) -> tuple[zarr.Array, str | None]:
-    """The 2-D array of a Zarr store: the store itself, its ``mask``, or its only 2-D array."""
-    meta = json.loads((path / "zarr.json").read_text())
-    if meta.get("node_type") == "array":
-        return zarr.open_array(str(path), mode="r"), None
-    node = zarr.open_group(str(path), mode="r", use_consolidated=False)  # the arrays' own, current attributes
-    if "mask" in node and isinstance(node["mask"], zarr.Array):
-        return node["mask"], "mask"
-    arrays = [(k, a) for k, a in node.arrays() if a.ndim == 2]
-    if len(arrays) != 1:
-        raise InputFileError(
-            f"{path}: {role} store holds {len(arrays)} 2-D arrays, not one; give the array's own path (STORE.zarr/NAME)"
-        )
-    return arrays[0][1], arrays[0][0]
-
-
-def _zarr_georeference(path: Path, name: str | None) -> tuple[str | None, tuple | None]:
-    """CRS (WKT) and transform a Zarr array carries for xarray/rioxarray, if any."""
-    if name is None:
-        return None, None
-    import rioxarray  # noqa: F401
-    import xarray as xr
-
-    try:
-        with warnings.catch_warnings():  # a foreign store may lack consolidated metadata: fine here
-            warnings.simplefilter("ignore", RuntimeWarning)
-            arr = xr.open_zarr(path, decode_coords="all")[name]
-        crs = arr.rio.crs
-        return (crs.to_wkt() if crs else None), (tuple(arr.rio.transform())[:6] if crs else None)
-    except Exception:  # noqa: BLE001  (a store xarray cannot read simply has no georeference)
-        return None, None
-
-
 def _open_zarr(path: Path, role: str) -> _Raster:
-    arr, name = _zarr_array(path, role)
+    root = path.parent if path.name == MASK and is_mask_store(path.parent) else path  # STORE.zarr/mask: its store
+    if is_mask_store(root):  # a satseg mask: class indices, refused unless its job finished
+        store = open_mask_store(root, then="evaluate")
+        crs = store.crs.to_wkt() if store.crs else None
+        info = SceneInfo(str(path), *store.array.shape, 1, "uint8", crs, store.transform, None)
+        probs = probabilities_raster(root) if store.has_probabilities else None
+        return _Raster(path, mask_raster(root), info, store.class_names, probs, crs is not None)
+    arr, name = zarr_mask(path, role)
     if arr.ndim != 2:
         raise InputFileError(f"{path}: {role} array has {arr.ndim} dimensions, not 2; give a single-band mask")
     attrs = dict(arr.attrs)
-    names = attrs.get("class_names")
-    if isinstance(names, str):
-        names = json.loads(names)
-    satseg = attrs.get("satseg_job_id") is not None
-    if satseg and attrs.get("satseg_complete") is not True:
-        raise MismatchError(f"{path}: mask is not complete (its job was interrupted); rerun the job to finish it, then evaluate")
-    crs, transform = _zarr_georeference(path, name)
-    info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform or (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), None)
-    if satseg:
-        probs = probabilities_raster(path) if is_zarr_node(path / "probabilities") else None
-        return _Raster(path, mask_raster(path), info, names, probs, transform is not None)
+    crs, transform = zarr_georeference(path, name)
+    crs = crs.to_wkt() if crs else None
+    info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform if crs else _NO_TRANSFORM, None)
     nodata = attrs.get("nodata", attrs.get("_FillValue"))
     if not isinstance(nodata, (int, float)) or (isinstance(nodata, float) and np.isnan(nodata)):
         nodata = None
-    return _Raster(path, zarr_raster(path, name or "", nodata), info, None, None, transform is not None)
+    return _Raster(path, zarr_raster(path, name or "", nodata), info, None, None, crs is not None)
 
 
 def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
@@ -148,22 +109,10 @@ def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
 
 
 def _check_same_grid(pred: _Raster, labels: _Raster) -> None:
-    if (pred.info.height, pred.info.width) != (labels.info.height, labels.info.width):
-        raise MismatchError(
-            f"{labels.path}: label shape {labels.info.height}x{labels.info.width} differs from mask {pred.path} "
-            f"{pred.info.height}x{pred.info.width}; evaluate against labels on the mask's grid"
-        )
-    if pred.georeferenced and labels.georeferenced:
-        from rasterio.crs import CRS
-
-        a, b = pred.info.crs, labels.info.crs
-        same_crs = (a is None) == (b is None) and (a is None or CRS.from_wkt(a) == CRS.from_wkt(b))
-        if not same_crs:
-            raise MismatchError(f"{labels.path}: label CRS differs from mask {pred.path}; evaluate against labels on the mask's grid")
-        if not np.allclose(pred.info.transform, labels.info.transform, rtol=0, atol=1e-6):
-            raise MismatchError(
-                f"{labels.path}: label transform differs from mask {pred.path}; evaluate against labels on the mask's grid"
-            )
+    """A raster without georeference (a foreign Zarr array) is matched by its shape alone."""
+    difference = grid_difference(pred.info, labels.info, shape_only=not (pred.georeferenced and labels.georeferenced))
+    if difference is not None:
+        raise MismatchError(f"{labels.path}: label {difference} (mask {pred.path}); evaluate against labels on the mask's grid")
 
 
 def evaluate_mask(
@@ -217,7 +166,6 @@ def evaluate_mask(
     if out is not None:
         layout = OutputLayout(Path(out))
         chunk_px = max(counts.chunks[0] + counts.chunks[1])  # nominal chunk, also when the scene is shorter
-        plan = plan_scene(height, width_px, tile=32, overlap=0, chunk=chunk_px, mode="crop")
         seconds = time.perf_counter() - t0
         georef = label_raster.info if label_raster.georeferenced else pred_raster.info
         row = {
@@ -228,9 +176,6 @@ def evaluate_mask(
             "label_values": table.values, "mask_label_values": pred_values is not None, "ignore_index": ignore_index,
             "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),
         }
-        write_table(tiles_table(name, plan, georef, counts), layout.report_file("tiles", job_id, name))
-        write_table(classes_table(name, table.names, scores, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
-        write_table(curves_table(name, table.names, scores), layout.report_file("curves", job_id, name))
-        write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
+        write_scene_reports(layout, job_id, ChunkGrid(height, width_px, chunk_px), georef, table.names, scores, counts, row)
         reports = layout.reports
     return Evaluation(name, table.names, scores.metrics, reports, job_id, scores)

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.state import write_json
+from schemas.store import write_json
 from schemas.errors import ClusterError
 
 __all__ = ["HeadRecord", "default_state_file", "start_head", "stop_head", "read_head", "head_alive"]
@@ -186,6 +186,7 @@ def start_head(
         cmd += ["--num-cpus", str(num_cpus)]
     if num_gpus is not None:
         cmd += ["--num-gpus", str(num_gpus)]
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: else `ray start` swaps --node-ip-address 127.0.0.1 for the outward IP.
     env = dict(os.environ, SATSEG_PYTHON=sys.executable, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:

@@ -22,13 +22,13 @@ chunk, so memory stays bounded by a few chunks whatever the scene size.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.metrics import MASK_NODATA
+from workers.mask_store import MASK, consolidate, create_level_array, zarr_georeference
 
 __all__ = [
     "OVERVIEW_SIZE",
@@ -156,31 +156,6 @@ def _level_transform(base: tuple, factor: int) -> tuple[float, ...]:
     return (a * factor, b * factor, c, d * factor, e * factor, f)
 
 
-def _create_level(store: Path, level: int, shape: tuple[int, int], transform: tuple, crs) -> tuple[int, int]:
-    """Create group ``level`` with an empty ``mask`` (fill 255) and its georeferenced coordinates; its chunk shape."""
-    import dask.array as da
-    import rasterio
-    import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import xarray as xr
-
-    h, w = shape
-    chunk = (min(OVERVIEW_CHUNK, h), min(OVERVIEW_CHUNK, w))
-    affine = rasterio.Affine(*transform)
-    xs = affine.c + (np.arange(w) + 0.5) * affine.a
-    ys = affine.f + (np.arange(h) + 0.5) * affine.e
-    data = da.full(shape, MASK_NODATA, dtype=np.uint8, chunks=chunk)
-    mask = xr.DataArray(data, dims=("y", "x"), coords={"y": ys, "x": xs}, name="mask")
-    if crs is not None:
-        mask = mask.rio.write_crs(crs)
-    mask = mask.rio.write_transform(affine)
-    mask.attrs.update({"nodata": MASK_NODATA, "overview_level": level, "resampling_method": "mode"})
-    encoding = {"mask": {**mask.encoding, "fill_value": MASK_NODATA, "chunks": chunk}}
-    mask.to_dataset().to_zarr(
-        store, group=str(level), mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=False
-    )
-    return chunk
-
-
 def _bbox(level: OverviewLevel) -> list[float]:
     a, b, c, d, e, f = level.transform
     h, w = level.shape
@@ -239,28 +214,16 @@ def _multiscales_attrs(levels: list[OverviewLevel], crs) -> dict:
     return attrs
 
 
-def _consolidate(store: Path) -> None:
-    import zarr
-
-    with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3; xarray reads it
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(store))
-
-
 def write_overviews(store: Path, *, max_size: int = OVERVIEW_SIZE) -> list[OverviewLevel]:
     """Add mode-downsampled levels to a complete mask store and describe them; returns every level, 0 first.
 
     Runs on the active Dask scheduler (threads, or Ray's on a cluster). Levels of an earlier call are replaced.
     """
-    import rioxarray  # noqa: F401
-    import xarray as xr
     import zarr
 
     store = Path(store)
-    with xr.open_zarr(store, decode_coords="all") as ds:
-        crs = ds["mask"].rio.crs
-        transform = tuple(ds["mask"].rio.transform())[:6]
-    base = zarr.open_array(str(store), path="mask", mode="r")
+    crs, transform = zarr_georeference(store, MASK)
+    base = zarr.open_array(str(store), path=MASK, mode="r")
     height, width = base.shape
     read_chunks = tuple(c + c % 2 for c in base.chunks)  # even: a 2x2 block never straddles two Dask blocks
     root = zarr.open_group(str(store), mode="r+")
@@ -268,18 +231,18 @@ def write_overviews(store: Path, *, max_size: int = OVERVIEW_SIZE) -> list[Overv
     root.attrs.put({k: v for k, v in root.attrs.items() if k not in _PYRAMID_KEYS})
     for name in [k for k in root.group_keys() if k.isdigit()]:
         del root[name]
-    levels = [OverviewLevel(0, "mask", (height, width), 1, transform)]
+    levels = [OverviewLevel(0, MASK, (height, width), 1, transform)]
     for level, shape in enumerate(overview_shapes(height, width, max_size), start=1):
         factor = 2**level
-        lv = OverviewLevel(level, f"{level}/mask", shape, factor, _level_transform(transform, factor))
-        chunk = _create_level(store, level, shape, lv.transform, crs)
+        lv = OverviewLevel(level, f"{level}/{MASK}", shape, factor, _level_transform(transform, factor))
+        chunk = create_level_array(store, level, shape, lv.transform, crs, OVERVIEW_CHUNK)
         above = levels[-1]
         _next_level(_stored(store, above.path, above.shape, read_chunks), store, lv.path, chunk)
         read_chunks = (2 * OVERVIEW_CHUNK, 2 * OVERVIEW_CHUNK)  # levels >= 1 are read two chunks a side at a time
         levels.append(lv)
     root = zarr.open_group(str(store), mode="r+")
     root.attrs.update(_multiscales_attrs(levels, crs))
-    _consolidate(store)
+    consolidate(store)
     return levels
 
 
@@ -289,12 +252,8 @@ def read_overview_levels(store: Path) -> list[OverviewLevel]:
 
     layout = (zarr.open_group(str(store), mode="r").attrs.get("multiscales") or {}).get("layout")
     if not layout:
-        import rioxarray  # noqa: F401
-        import xarray as xr
-
-        with xr.open_zarr(store, decode_coords="all") as ds:
-            mask = ds["mask"]
-            return [OverviewLevel(0, "mask", tuple(mask.shape), 1, tuple(mask.rio.transform())[:6])]
+        shape = tuple(zarr.open_array(str(store), path=MASK, mode="r").shape)
+        return [OverviewLevel(0, MASK, shape, 1, zarr_georeference(store, MASK)[1])]
     return [
         OverviewLevel(
             i, e["asset"], tuple(int(v) for v in e["spatial:shape"]), 2**i, tuple(float(v) for v in e["spatial:transform"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import duckdb
 
-from schemas.errors import SpecError
-from schemas.store import REPORT_TABLES
+from schemas.errors import SpecError, first_line
+from schemas.store import REPORT_TABLES, ScheduleLayout
 
 __all__ = ["resolve_reports", "connect_reports", "run_query", "format_rows"]
 
@@ -27,7 +27,7 @@ def resolve_reports(path: str | Path) -> Path:
 
 def _report_roots(reports: Path) -> list[Path]:
     """The folders a query may read: ``reports``, and a schedule's job folders (one per tick) beside it."""
-    jobs = reports.parent / "jobs"
+    jobs = ScheduleLayout(reports.parent).jobs
     return [reports, jobs] if jobs.is_dir() else [reports]
 
 
@@ -76,7 +76,7 @@ def run_query(reports: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as err:
-        raise SpecError(f"query failed: {str(err).splitlines()[0]}; tables are {', '.join(REPORT_TABLES)}") from None
+        raise SpecError(f"query failed: {first_line(err)}; tables are {', '.join(REPORT_TABLES)}") from None
     kinds = [s.type.name for s in statements]
     if kinds != ["SELECT"]:
         raise SpecError(
@@ -86,8 +86,7 @@ def run_query(reports: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
     try:
         cur = con.execute(sql)
     except duckdb.Error as err:
-        first = str(err).splitlines()[0]
-        raise SpecError(f"query failed: {first}; tables are {', '.join(REPORT_TABLES)}") from None
+        raise SpecError(f"query failed: {first_line(err)}; tables are {', '.join(REPORT_TABLES)}") from None
     if cur.description is None:
         return [], []
     return [d[0] for d in cur.description], cur.fetchall()

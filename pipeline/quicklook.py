@@ -125,9 +125,9 @@ def read_labels(
     nearest samples as Zarr masks.
     """
     if Path(path).is_dir():
-        from pipeline.evaluate import zarr_mask_array
+        from workers.mask_store import zarr_mask
 
-        array = zarr_mask_array(path)
+        array = zarr_mask(path, "label")[0]
         win = window or Window(0, 0, *array.shape)
         rows = sample_positions(win.row_off, win.height, out_shape[0])
         cols = sample_positions(win.col_off, win.width, out_shape[1])

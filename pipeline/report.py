@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,8 +51,9 @@ from pipeline.quicklook import (
     sample_positions,
 )
 from pipeline.report_figures import class_bars_png, confusion_png, png, pr_curves_png, trimap_png
+from pipeline.job_folder import read_job_record
 from schemas.errors import InputFileError, SpecError
-from schemas.store import OutputLayout, is_zarr_node
+from schemas.store import OutputLayout, replacing
 
 __all__ = ["SECTIONS", "RUN_SECTIONS", "QUICKLOOK_SIDE", "WORST_TILES", "RunTables", "load_run", "render_report", "write_report"]
 
@@ -94,20 +93,16 @@ def _read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def _job_id(run_dir: Path, reports: Path, job_id: str | None) -> str:
+def _which_job(run_dir: Path, reports: Path, job_id: str | None) -> str:
+    """The job to report: the one asked for, else the one job.json names, else the only one with reports."""
     found = sorted(p.name.split("=", 1)[1] for p in (reports / "scenes").glob("job_id=*") if p.is_dir())
     if job_id is not None:
         if job_id not in found:
             raise SpecError(f"{run_dir}: no reports of job {job_id}; jobs here: {', '.join(found) or 'none'}")
         return job_id
-    job_file = OutputLayout(run_dir).job_file
-    if job_file.exists():
-        try:
-            recorded = json.loads(job_file.read_text()).get("job_id")
-        except (OSError, ValueError):
-            recorded = None
-        if recorded in found:
-            return recorded
+    recorded = (read_job_record(run_dir) or {}).get("job_id")
+    if recorded in found:
+        return recorded
     if len(found) == 1:
         return found[0]
     if not found:
@@ -123,14 +118,9 @@ def load_run(run_dir: str | Path, job_id: str | None = None) -> RunTables:
     layout = OutputLayout(run_dir)
     if not (layout.reports / "scenes").is_dir():
         raise InputFileError(f"{run_dir}: no reports/scenes/ here; give the --out folder of a finished satseg job")
-    job = _job_id(run_dir, layout.reports, job_id)
-    spec = None
-    if layout.job_file.exists():
-        try:
-            record = json.loads(layout.job_file.read_text())
-            spec = record.get("spec") if record.get("job_id") == job else None
-        except (OSError, ValueError):
-            spec = None
+    job = _which_job(run_dir, layout.reports, job_id)
+    record = read_job_record(run_dir) or {}
+    spec = record.get("spec") if record.get("job_id") == job else None
     scene_files = sorted((layout.reports / "scenes" / f"job_id={job}").glob("*.parquet"))
     scenes = [row for f in scene_files for row in _read_rows(f)]
     if not scenes:
@@ -237,9 +227,9 @@ def _mask_samples(store: Path, rows: np.ndarray, cols: np.ndarray, out: tuple[in
     """Full-resolution mask pixels at the view's samples, from a Zarr store or a GeoTIFF (``evaluate`` runs)."""
     if not store.is_dir():
         return read_mask_raster(store, out, window)
-    from pipeline.evaluate import zarr_mask_array
+    from workers.mask_store import zarr_mask
 
-    return read_mask_samples(zarr_mask_array(store), rows, cols)
+    return read_mask_samples(zarr_mask(store)[0], rows, cols)
 
 
 def _as_indices(ctx: _SceneContext, samples: np.ndarray) -> np.ndarray:
@@ -254,11 +244,11 @@ def _overlay_source(store: Path, display_side: int):
     """The array the overlay samples from: the coarsest overview level still at least the display size."""
     import zarr
 
-    from pipeline.evaluate import zarr_mask_array
     from pipeline.overviews import OverviewLevel, level_for_size, read_overview_levels
+    from workers.mask_store import is_mask_store, zarr_mask
 
-    if not is_zarr_node(store / "mask"):  # a foreign Zarr mask (`satseg evaluate`): no overviews
-        arr = zarr_mask_array(store)
+    if not is_mask_store(store):  # a foreign Zarr mask (`satseg evaluate`): no overviews
+        arr = zarr_mask(store)[0]
         return arr, OverviewLevel(0, "", tuple(arr.shape), 1, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
     level = level_for_size(read_overview_levels(store), display_side)
     return zarr.open_array(str(store), path=level.path, mode="r"), level
@@ -680,10 +670,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, job_id: 
     if not out.parent.is_dir():
         raise SpecError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
     page = render_report(tables)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(out) as f:
+        f.write(page.encode("utf-8"))
     return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -16,10 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.counting import ChunkCounts
+from pipeline.core.geometry import ChunkGrid
 from pipeline.core.metrics import PROBABILITY_LEVELS, SceneScores, boundary_iou, scene_scores, segmentation_metrics
-from pipeline.core.plan import ScenePlan
+from pipeline.counting import ChunkCounts
 from schemas.reports import AGGREGATES, CLASSES, CURVES, SCENES, TILES
+from schemas.store import OutputLayout, replacing
 from workers.reader import SceneInfo
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "scenes_table",
     "curves_table",
     "aggregates_table",
+    "write_scene_reports",
     "histograms_from_curves",
     "scores_from_rows",
     "write_table",
@@ -70,11 +71,11 @@ def _geo_metadata(crs_wkt: str | None, boxes: list[tuple[float, float, float, fl
     return json.dumps({"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}).encode()
 
 
-def tiles_table(scene: str, plan: ScenePlan, info: SceneInfo, counts: ChunkCounts) -> pa.Table:
+def tiles_table(scene: str, grid: ChunkGrid, info: SceneInfo, counts: ChunkCounts) -> pa.Table:
     """One row per output chunk: its footprint, how many pixels, and how good (GeoParquet)."""
     rows, boxes = [], []
-    for r, c in plan.grid:
-        win = plan.grid.window(r, c)
+    for r, c in grid:
+        win = grid.window(r, c)
         box = info.bounds(win)
         boxes.append(box)
         row = {
@@ -261,9 +262,23 @@ def aggregates_table(scenes: list[dict], classes: list[dict], curves: list[dict]
     return pa.Table.from_pylist(rows, schema=AGGREGATES)
 
 
+def write_scene_reports(
+    layout: OutputLayout, job_id: str, grid: ChunkGrid, info: SceneInfo, class_names: list[str],
+    scores: SceneScores | None, counts: ChunkCounts, row: dict,
+) -> None:
+    """A scene's tiles, classes, curves and scenes tables, each replaced atomically; `satseg run` and `evaluate` share it.
+
+    ``row`` is the scene's row of provenance and timings (``scene`` names it); the scenes table is written last.
+    """
+    name = row["scene"]
+    write_table(tiles_table(name, grid, info, counts), layout.report_file("tiles", job_id, name))
+    predicted = counts.predicted.sum(axis=(0, 1))
+    write_table(classes_table(name, class_names, scores, predicted), layout.report_file("classes", job_id, name))
+    write_table(curves_table(name, class_names, scores), layout.report_file("curves", job_id, name))
+    write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
+
+
 def write_table(table: pa.Table, path: Path) -> None:
     """Write a Parquet file atomically, so a crash never leaves a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with replacing(path, "path") as tmp:
+        pq.write_table(table, tmp, compression="zstd")

@@ -29,20 +29,14 @@ from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.overviews import write_overviews
 from pipeline.core.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
-from pipeline.report_tables import (
-    aggregates_table,
-    classes_table,
-    curves_table,
-    scenes_table,
-    scores_from_rows,
-    tiles_table,
-    write_table,
+from pipeline.report_tables import aggregates_table, scores_from_rows, write_scene_reports, write_table
+from pipeline.job_folder import (
+    DONE, FAILED, RUNNING, chunks_marked, claim_output, model_key, scene_complete, start_scene_states, write_scene_state,
 )
-from pipeline.state import DONE, FAILED, RUNNING, chunks_marked, model_key, one_line, start_scene_states, write_json, write_scene_state
-from schemas.errors import CheckpointError, OutputConflictError, ScenesFailedError, SpecError, user_error
-from schemas.job import JobSpec, SceneSpec
+from schemas.errors import CheckpointError, ScenesFailedError, SpecError, first_line, one_line, user_error
+from schemas.job import JobSpec, SceneSpec, resolve_device
 from schemas.store import OutputLayout
-from workers.predictor import ModelSource
+from workers.predictor import TILE_CACHE_BYTES, ModelSource
 from workers.reader import SceneInfo, check_bands, check_labels_match, open_scene
 
 __all__ = ["ResolvedModel", "SceneResult", "JobResult", "resolve_model", "run_job"]
@@ -128,7 +122,7 @@ def _check_model_options(name: str, num_classes: int, options: dict) -> None:
         with torch.device("meta"):
             create_model(name, 3, num_classes, **options)
     except (TypeError, ValueError) as err:
-        raise SpecError(f"model_options {options}: {str(err).splitlines()[0]}; fix the model options") from None
+        raise SpecError(f"model_options {options}: {first_line(err)}; fix the model options") from None
 
 
 def _scene_bands(model: ResolvedModel, info: SceneInfo) -> list[int]:
@@ -146,7 +140,7 @@ PRECISION = {"cpu": "float32", "cuda": "bfloat16"}
 """The numeric precision of the model on each kind of actor device (bf16 autocast on CUDA): part of a job's identity."""
 
 
-def _job_id(spec: JobSpec, model: ResolvedModel, device: str) -> str:
+def job_id_of(spec: JobSpec, model: ResolvedModel, device: str) -> str:
     """What determines the outputs, hashed: the job's identity fields, the checkpoint's content, the precision.
 
     A job resumed on another kind of device (CPU float32, GPU bfloat16) is another job, not a mix of both.
@@ -158,35 +152,13 @@ def _job_id(spec: JobSpec, model: ResolvedModel, device: str) -> str:
 
 
 def _actor_device(spec: JobSpec) -> str:
-    """The device the job's model actors get: cuda when asked, or when the cluster has a GPU and the job says auto."""
+    """The device the job's model actors get (``resolve_device`` over the cluster's GPUs)."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    # device: cuda asks for GPU actors even when no GPU node is up yet: an autoscaling cluster starts one.
-    return "cuda" if spec.device == "cuda" or (spec.device == "auto" and gpus >= 1) else "cpu"
+    return resolve_device(spec.device, int(ray.cluster_resources().get("GPU", 0)))
 
 
-def _claim_output(layout: OutputLayout, job_id: str, spec: JobSpec) -> None:
-    """Record this job in the output folder, or refuse a folder holding another job's results."""
-    if layout.job_file.exists():
-        try:
-            other = json.loads(layout.job_file.read_text()).get("job_id")
-        except (OSError, ValueError):
-            other = None
-        if other != job_id:
-            raise OutputConflictError(
-                f"{layout.root}: holds results of another job ({other or 'unknown'}); choose another --out or remove that folder"
-            )
-        return
-    leftovers = [p for p in (layout.masks, layout.reports, layout.state) if p.exists()]
-    if leftovers:
-        raise OutputConflictError(
-            f"{layout.root}: holds satseg outputs ({leftovers[0].name}/) but no job.json; choose another --out or remove them"
-        )
-    write_json(layout.job_file, {"job_id": job_id, "satseg_version": __version__, "spec": spec.model_dump(mode="json")})
-
-
-def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[tuple[SceneSpec, SceneInfo, SceneInfo | None, list[int]]]:
+def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[_Scene]:
     """Check every scene from metadata before any work starts, so bad input fails fast."""
     out = []
     for scene in spec.scenes:
@@ -196,7 +168,7 @@ def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[tuple[SceneSpe
         if scene.labels is not None:
             labels = open_scene(scene.labels, role="label")
             check_labels_match(info, labels)
-        out.append((scene, info, labels, bands))
+        out.append(_Scene(scene, info, labels, bands))
     return out
 
 
@@ -248,7 +220,7 @@ def _actor_for(row: int, col: int, plan: ScenePlan, strip: int, n_actors: int) -
     return ((col // strip) * bands + row // -(-rows // bands)) % n_actors
 
 
-def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: int = 1 << 30) -> int:
+def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: int = TILE_CACHE_BYTES) -> int:
     """Chunk columns per strip: the tiles a strip shares between chunk rows fit half the actor's tile cache."""
     cols = plan.grid.shape[1]
     tiles_across = -(-plan.grid.chunk // plan.lattice.stride) + 1
@@ -317,38 +289,63 @@ class _ChunkCounting:
         return reduce_counts(ray.get([self._refs[rc] for rc in order]), self.spec, self.sizes)
 
 
-def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress) -> SceneResult:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+@dataclass
+class _RunningJob:
+    """What every scene of a running job shares."""
 
-    from workers.tasks import read_window_task, write_chunk_task
-    from workers.writer import chunks_done, create_mask_store, create_probabilities_array, set_store_attrs
+    spec: JobSpec
+    layout: OutputLayout
+    job_id: str
+    model: ResolvedModel
+    actors: list  # (actor handle, node id) per model actor
+    use_ray_dask: bool
+    progress: object
 
-    name = scene.scene_name
-    t0 = time.perf_counter()
-    chunk = spec.effective_chunk_size
-    plan = plan_scene(info.height, info.width, tile=spec.tile_size, overlap=spec.overlap, chunk=chunk, mode=spec.stitch)
-    store = layout.mask_store(name)
-    markers = layout.chunk_markers(name)
+
+@dataclass(frozen=True)
+class _Scene:
+    """One scene of the job, checked: its spec, image and label metadata, and the bands it feeds the model."""
+
+    spec: SceneSpec
+    info: SceneInfo
+    labels: SceneInfo | None
+    bands: list[int]
+
+    @property
+    def name(self) -> str:
+        return self.spec.scene_name
+
+
+def _open_store(job: _RunningJob, scene: _Scene, plan: ScenePlan) -> tuple[Path, set[tuple[int, int]]]:
+    """The scene's mask store, created unless an earlier run of the job left chunks in it; the chunks already written."""
+    from workers.mask_store import chunks_done, create_mask_store, create_probabilities_array
+
+    store, markers = job.layout.mask_store(scene.name), job.layout.chunk_markers(scene.name)
     done = chunks_done(markers) if store.exists() else set()
     if not done:
         if markers.exists():
             shutil.rmtree(markers)
-        create_mask_store(
-            store,
-            info,
-            chunk,
-            {"class_names": model.class_names, "satseg_job_id": job_id, "satseg_complete": False, "source_image": str(scene.image)},
-        )
-        if spec.save_probabilities:
-            create_probabilities_array(store, model.class_names, chunk)
-    mean = model.mean or [0.0] * len(bands)
-    std = model.std or [1.0] * len(bands)
+        names = job.model.class_names
+        create_mask_store(store, scene.info, plan.grid.chunk, class_names=names, job_id=job.job_id, source_image=str(scene.spec.image))
+        if job.spec.save_probabilities:
+            create_probabilities_array(store, names, plan.grid.chunk)
+    return store, {(r, c) for r, c in plan.grid if f"{r}.{c}" in done}
+
+
+def _predict_chunks(job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Path, written: set, counting: "_ChunkCounting") -> dict:
+    """Read, predict, stitch and write every chunk not yet written, with bounded windows in flight; the actors' work."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.tasks import read_window_task, write_chunk_task
+
+    spec, actors, model = job.spec, job.actors, job.model
+    mean = model.mean or [0.0] * len(scene.bands)
+    std = model.std or [1.0] * len(scene.bands)
     strip = _strip_width(plan, len(model.class_names), len(actors))
     # One strip, one actor (its shared tiles are reused); each actor has its own queue, so every actor
     # is fed from the start rather than strip after strip.
     queues: list[deque] = [deque() for _ in actors]
-    written = {(r, c) for r, c in plan.grid if f"{r}.{c}" in done}
     for task in (plan.task(r, c) for r, c in plan.strip_order(strip)):
         if (task.row, task.col) not in written:
             queues[_actor_for(task.row, task.col, plan, strip, len(actors))].append(task)
@@ -356,8 +353,8 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
     per_actor = -(-limit // len(actors))
     # a chunk is read on its actor's node, so windows never cross the network (elsewhere only if that node is gone)
     reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
-    bar = progress.add_task(f"{name} chunks", total=len(plan.grid), completed=len(written))
-    counting = _ChunkCounting(plan, store, scene, spec, len(model.class_names), written)
+    markers, image = str(job.layout.chunk_markers(scene.name)), str(scene.spec.image)
+    bar = job.progress.add_task(f"{scene.name} chunks", total=len(plan.grid), completed=len(written))
     before = ray.get([a.stats.remote() for a, _ in actors])
     in_flight: dict = {}
     busy = [0] * len(actors)
@@ -365,9 +362,9 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         for k, (actor, _) in enumerate(actors):
             while queues[k] and busy[k] < per_actor and len(in_flight) < limit:
                 task = queues[k].popleft()
-                data = reads[k].remote(str(scene.image), task.read, bands, mean, std)
-                mask = actor.predict_chunk.remote(data, task, plan, spec.window, str(scene.image), spec.save_probabilities)
-                in_flight[write_chunk_task.remote(str(store), task.chunk, mask, str(markers), task.key)] = (task, k)
+                data = reads[k].remote(image, task.read, scene.bands, mean, std)
+                mask = actor.predict_chunk.remote(data, task, plan, spec.window, image, spec.save_probabilities)
+                in_flight[write_chunk_task.remote(str(store), task.chunk, mask, markers, task.key)] = (task, k)
                 busy[k] += 1
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
@@ -375,35 +372,31 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
             task, k = in_flight.pop(ref)
             busy[k] -= 1
             counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
-            progress.advance(bar)
-    predict_seconds = time.perf_counter() - t0
+            job.progress.advance(bar)
     after = ray.get([a.stats.remote() for a, _ in actors])
-    spent = {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
+    return {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
 
-    ev = progress.add_task(f"{name} evaluate", total=1)
-    with dask.config.set(scheduler=dask_scheduler(use_ray_dask)):
-        counts = counting.result()
-        write_overviews(store)  # after the last chunk, before the scene is marked complete
-    scores = None
-    if counts.total_confusion is not None:
-        scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
-    metrics = scores.metrics if scores is not None else None
-    progress.advance(ev)
-    seconds = time.perf_counter() - t0
+
+def _scene_row(
+    job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Path, counts, boundary_width: int, spent: dict,
+    resumed: int, seconds: float, predict_seconds: float,
+) -> dict:
+    """The scene's row of the scenes table: provenance, sizes, settings, work done and timings."""
+    spec, model, info = job.spec, job.model, scene.info
     mpx = info.height * info.width / 1e6
-    row = {
-        "scene": name,
-        "image": str(scene.image),
-        "labels": str(scene.labels) if scene.labels else None,
+    return {
+        "scene": scene.name,
+        "image": str(scene.spec.image),
+        "labels": str(scene.spec.labels) if scene.spec.labels else None,
         "mask": str(store),
         "height": info.height,
         "width": info.width,
-        "bands": bands,
+        "bands": scene.bands,
         "num_classes": len(model.class_names),
         "class_names": model.class_names,
         "crs": info.crs,
         "valid_pixels": int(counts.valid.sum()),
-        "boundary_width": counting.spec.boundary_width if labels is not None else None,
+        "boundary_width": boundary_width if scene.labels is not None else None,
         "probabilities": f"{store}/probabilities" if spec.save_probabilities else None,
         "label_values": spec.label_values,
         "mask_label_values": False,
@@ -413,13 +406,13 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "checkpoint_sha256": model.checkpoint_sha256,
         "tile_size": spec.tile_size,
         "overlap": spec.overlap,
-        "chunk_size": chunk,
+        "chunk_size": plan.grid.chunk,
         "stitch": spec.stitch,
         "window": spec.window,
         "tiles_lattice": len(plan.lattice),
         "tiles_computed": spent["tiles_predicted"],
         "tiles_reused": spent["tiles_reused"],
-        "chunks_resumed": len(written),
+        "chunks_resumed": resumed,
         "seconds": seconds,
         "predict_seconds": predict_seconds,
         "model_seconds": spent["model_seconds"],
@@ -429,16 +422,38 @@ def _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, 
         "satseg_version": __version__,
         "finished_at": datetime.now(timezone.utc),
     }
-    write_table(tiles_table(name, plan, info, counts), layout.report_file("tiles", job_id, name))
-    write_table(classes_table(name, model.class_names, scores, counts.predicted.sum(axis=(0, 1))), layout.report_file("classes", job_id, name))
-    write_table(curves_table(name, model.class_names, scores), layout.report_file("curves", job_id, name))
-    write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
-    set_store_attrs(store, satseg_complete=True)
-    layout.scene_done(name).parent.mkdir(parents=True, exist_ok=True)
-    layout.scene_done(name).write_text(json.dumps({"job_id": job_id, "finished_at": row["finished_at"].isoformat()}))
+
+
+def _run_scene(job: _RunningJob, scene: _Scene) -> SceneResult:
+    """Plan, predict and write every chunk, count as chunks land, then overviews, reports, and complete: in that order."""
+    from workers.mask_store import mark_complete
+
+    t0 = time.perf_counter()
+    spec = job.spec
+    plan = plan_scene(
+        scene.info.height, scene.info.width, tile=spec.tile_size, overlap=spec.overlap, chunk=spec.effective_chunk_size,
+        mode=spec.stitch,
+    )
+    store, written = _open_store(job, scene, plan)
+    counting = _ChunkCounting(plan, store, scene.spec, spec, len(job.model.class_names), written)
+    spent = _predict_chunks(job, scene, plan, store, written, counting)
+    predict_seconds = time.perf_counter() - t0
+
+    ev = job.progress.add_task(f"{scene.name} evaluate", total=1)
+    with dask.config.set(scheduler=dask_scheduler(job.use_ray_dask)):
+        counts = counting.result()
+        write_overviews(store)  # after the last chunk, before the scene is marked complete
+    scores = None
+    if counts.total_confusion is not None:
+        scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
+    job.progress.advance(ev)
+    seconds = time.perf_counter() - t0
+    row = _scene_row(job, scene, plan, store, counts, counting.spec.boundary_width, spent, len(written), seconds, predict_seconds)
+    write_scene_reports(job.layout, job.job_id, plan.grid, scene.info, job.model.class_names, scores, counts, row)
+    mark_complete(store)  # the last write: the scene is done (ARCHITECTURE.md, invariant 6)
     return SceneResult(
-        name, info, store, metrics, seconds, predict_seconds, row["megapixels_per_second"] or 0.0, len(plan.grid), len(written),
-        scores=scores,
+        scene.name, scene.info, store, scores.metrics if scores is not None else None, seconds, predict_seconds,
+        row["megapixels_per_second"] or 0.0, len(plan.grid), len(written), scores=scores,
     )
 
 
@@ -461,8 +476,8 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
     model = resolve_model(spec)
     scenes = _validate_scenes(spec, model)
     if model.source.in_channels == 0:  # random weights: as many bands as the first scene selects
-        first = scenes[0][3]
-        if any(len(b) != len(first) for *_, b in scenes):
+        first = scenes[0].bands
+        if any(len(s.bands) != len(first) for s in scenes):
             raise SpecError("scenes have different band counts; select the same number of bands with `bands`")
         model = ResolvedModel(
             ModelSource(model.source.name, len(first), model.source.num_classes, model.source.options, None, model.source.seed),
@@ -474,31 +489,29 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         spec = spec.model_copy(update={"stitch": "blend" if model_info(model.source.name).whole_tile_context else "crop"})
     layout = OutputLayout(Path(spec.out))
     use_ray_dask = connect(spec.address)  # before anything is written: a bad address leaves no trace
-    job_id = _job_id(spec, model, _actor_device(spec))
-    _claim_output(layout, job_id, spec)
+    job_id = job_id_of(spec, model, _actor_device(spec))
+    claim_output(layout, job_id, spec.model_dump(mode="json"))
     result = JobResult(job_id, layout, model)
     states = start_scene_states(
         layout, job_id, model_key(model.checkpoint_sha256, spec.model, dict(spec.model_options), spec.seed),
-        [(s.scene_name, str(s.image), len(ChunkGrid(i.height, i.width, spec.effective_chunk_size))) for s, i, *_ in scenes],
+        [(s.name, str(s.spec.image), len(ChunkGrid(s.info.height, s.info.width, spec.effective_chunk_size))) for s in scenes],
     )
-    actors = None
+    job = None
     failures: list[tuple[str, Exception]] = []
     with progress_bar(show_progress) as progress:
-        for scene, info, labels, bands in scenes:
-            name = scene.scene_name
-            if layout.scene_done(name).exists() and layout.report_file("scenes", job_id, name).exists():
-                result.scenes.append(_finished_scene(layout, job_id, name, info))
+        for scene in scenes:
+            name = scene.name
+            if scene_complete(layout, name):
+                result.scenes.append(_finished_scene(layout, job_id, name, scene.info))
                 continue
             running = states[name].moved(RUNNING)
             write_scene_state(layout, running)
             try:
-                if actors is None:
+                if job is None:  # the model actors start with the first scene that needs them
                     started = time.perf_counter()
-                    actors = _actors(spec, model.source)
+                    job = _RunningJob(spec, layout, job_id, model, _actors(spec, model.source), use_ray_dask, progress)
                     result.startup_seconds = time.perf_counter() - started
-                result.scenes.append(
-                    _run_scene(spec, layout, job_id, model, scene, info, labels, bands, actors, use_ray_dask, progress)
-                )
+                result.scenes.append(_run_scene(job, scene))
             except Exception as err:  # one bad scene does not stop the others; the job fails at the end
                 write_scene_state(layout, running.moved(FAILED, chunks_done=chunks_marked(layout, name), reason=one_line(err)))
                 failures.append((name, err))
@@ -507,10 +520,10 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
                 write_scene_state(layout, running.moved(FAILED, chunks_done=chunks_marked(layout, name), reason=one_line(err)))
                 raise
             write_scene_state(layout, running.moved(DONE, chunks_done=running.chunks_total))
-    if actors:
+    if job is not None:
         import ray
 
-        for a, _ in actors:
+        for a, _ in job.actors:
             ray.kill(a)
     _write_aggregates(layout, job_id)
     unexpected = [err for _, err in failures if user_error(err) is None]

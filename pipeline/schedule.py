@@ -42,10 +42,11 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.report_tables import write_table
-from pipeline.state import DONE, FAILED, PENDING, RUNNING, job_states, model_key, one_line, write_json
-from schemas.errors import SatsegError, SpecError
+from pipeline.job_folder import DONE, FAILED, PENDING, RUNNING, job_states, model_key, read_job_record
+from schemas.errors import SatsegError, SpecError, one_line
 from schemas.runs import RUNS
 from schemas.schedule import ScheduleSpec
+from schemas.store import ScheduleLayout, write_json
 
 __all__ = [
     "ScheduleLock",
@@ -150,7 +151,7 @@ class TickPlan:
 
 
 def schedule_model_key(spec: ScheduleSpec) -> str:
-    """The model key the tick's job will record (see pipeline.state.model_key)."""
+    """The model key the tick's job will record (see pipeline.job_folder.model_key)."""
     ckpt = spec.job.get("checkpoint")
     if ckpt:
         from workers.models.checkpoint import file_sha256
@@ -216,12 +217,8 @@ def _check_scene(image: str, labels: str | None) -> str | None:
     return None
 
 
-def _jobs_dir(spec: ScheduleSpec) -> Path:
-    return Path(spec.out) / "jobs"
-
-
-def _runs_file(spec: ScheduleSpec, run_id: str) -> Path:
-    return Path(spec.out) / "reports" / "runs" / f"schedule={spec.name}" / f"{run_id}.parquet"
+def _layout(spec: ScheduleSpec) -> ScheduleLayout:
+    return ScheduleLayout(Path(spec.out))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -237,7 +234,7 @@ def _earlier_work(spec: ScheduleSpec, key: str, current: str) -> tuple[set[str],
     done: set[str] = set()
     failed: set[str] = set()
     unfinished: dict[str, set[str]] = {}
-    jobs = _jobs_dir(spec)
+    jobs = _layout(spec).jobs
     for job in sorted(jobs.iterdir()) if jobs.is_dir() else []:
         for s in job_states(job):
             if s.model_key != key:
@@ -252,8 +249,8 @@ def _earlier_work(spec: ScheduleSpec, key: str, current: str) -> tuple[set[str],
     for run_id, images in unfinished.items():
         # A tick run here held the lock we hold now, so it is over; only a submitted job can outlive its tick
         # (its scheduler died while waiting): ask the cluster.
-        sub = _read_json(jobs / run_id / "submission.json")
-        if sub is None or _runs_file(spec, run_id).exists():
+        sub = _read_json(_layout(spec).submission_file(run_id))
+        if sub is None or _layout(spec).runs_file(spec.name, run_id).exists():
             continue
         try:
             from pipeline.submit import TERMINAL, job_row, jobs_client
@@ -267,7 +264,7 @@ def _earlier_work(spec: ScheduleSpec, key: str, current: str) -> tuple[set[str],
 
 def _plan(spec: ScheduleSpec, tick: datetime, log: Log) -> TickPlan:
     run_id = run_id_of(tick)
-    saved = _read_json(_jobs_dir(spec) / run_id / "tick.json")
+    saved = _read_json(_layout(spec).tick_file(run_id))
     if saved is not None:
         log(f"tick {run_id}: resuming its plan ({len(saved['scenes'])} scene(s))")
         return TickPlan(**saved)
@@ -291,7 +288,7 @@ def _plan(spec: ScheduleSpec, tick: datetime, log: Log) -> TickPlan:
     names = _scene_names([image for image, _ in todo])
     plan.scenes = [{"image": image, "labels": labels, "name": name} for (image, labels), name in zip(todo, names)]
     if plan.scenes:
-        write_json(_jobs_dir(spec) / run_id / "tick.json", asdict(plan))
+        write_json(_layout(spec).tick_file(run_id), asdict(plan))
     return plan
 
 
@@ -308,18 +305,18 @@ def _submission(client, spec: ScheduleSpec, plan: TickPlan, job_spec, address: s
         except JobNotFoundError:
             sid = submit_job(client, job_spec, python=spec.python, submission_id=sid,
                              metadata={"satseg_schedule": spec.name, "satseg_run_id": plan.run_id})
-            write_json(_jobs_dir(spec) / plan.run_id / "submission.json", {"submission_id": sid, "address": address})
+            write_json(_layout(spec).submission_file(plan.run_id), {"submission_id": sid, "address": address})
             return sid
         if row.status not in TERMINAL:
             return sid
-    raise SpecError(f"tick {plan.run_id}: 99 submissions already; remove {_jobs_dir(spec) / plan.run_id} to start it over")
+    raise SpecError(f"tick {plan.run_id}: 99 submissions already; remove {_layout(spec).jobs / plan.run_id} to start it over")
 
 
 def _run_job(spec: ScheduleSpec, plan: TickPlan, log: Log) -> tuple[str | None, str | None, str | None]:
     """Run or submit the tick's job and wait for it; returns (job id, submission id, error line)."""
     from pipeline.submit import TERMINAL, job_row, jobs_client, resolve_address
 
-    out = _jobs_dir(spec) / plan.run_id
+    out = _layout(spec).jobs / plan.run_id
     job_spec = spec.job_spec(plan.scenes, out)
     address = resolve_address(spec.address)
     if address is None:
@@ -329,7 +326,7 @@ def _run_job(spec: ScheduleSpec, plan: TickPlan, log: Log) -> tuple[str | None, 
         try:
             return run_job(job_spec, show_progress=False).job_id, None, None
         except Exception as err:  # noqa: BLE001  (the tick records the failure; the scheduler keeps going)
-            return (_read_json(out / "job.json") or {}).get("job_id"), None, one_line(err)
+            return (read_job_record(out) or {}).get("job_id"), None, one_line(err)
     client = jobs_client(address)
     sid = _submission(client, spec, plan, job_spec, address)
     log(f"tick {plan.run_id}: job {sid} on {address} ({len(plan.scenes)} scene(s)); waiting for it")
@@ -337,7 +334,7 @@ def _run_job(spec: ScheduleSpec, plan: TickPlan, log: Log) -> tuple[str | None, 
     while row.status not in TERMINAL:
         time.sleep(2.0)
         row = job_row(client, sid)
-    job_id = (_read_json(out / "job.json") or {}).get("job_id")
+    job_id = (read_job_record(out) or {}).get("job_id")
     error = None if row.status == "SUCCEEDED" else f"job {sid} {row.status}: {row.message}"
     return job_id, sid, error
 
@@ -350,7 +347,7 @@ def _check_before_writing(spec: ScheduleSpec) -> None:
     address = resolve_address(spec.address)
     if address is not None:
         check_reachable(address)
-    runs = Path(spec.out) / "reports" / "runs"
+    runs = _layout(spec).runs
     others = sorted(p.name.split("=", 1)[1] for p in runs.glob("schedule=*") if p.name != f"schedule={spec.name}")
     if others:
         raise SpecError(f"{spec.out}: holds the runs of schedule {others[0]!r}; give schedule {spec.name!r} its own `out`")
@@ -360,7 +357,7 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
     """Run one tick; returns its runs row, or None when another scheduler holds it or it already ran."""
     run_id = run_id_of(tick)
     _check_before_writing(spec)
-    lock = ScheduleLock(Path(spec.out) / "schedule.lock")
+    lock = ScheduleLock(_layout(spec).lock)
     if not lock.acquire(spec.name):
         h = lock.holder or {}
         log(f"tick {run_id}: left to the scheduler holding {lock.path} (pid {h.get('pid', '?')} on {h.get('host', '?')})")
@@ -368,7 +365,7 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
     try:
         if lock.stale:
             log(f"took over {lock.path} from pid {lock.stale.get('pid')} on {lock.stale.get('host')}, which is gone")
-        if _runs_file(spec, run_id).exists():
+        if _layout(spec).runs_file(spec.name, run_id).exists():
             log(f"tick {run_id}: already ran (see the runs table); nothing to do")
             return None
         started = datetime.now(timezone.utc)
@@ -377,7 +374,7 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
         done: set[str] = set()
         if plan.scenes:
             job_id, sid, error = _run_job(spec, plan, log)
-            done = {s.image for s in job_states(_jobs_dir(spec) / run_id) if s.status == DONE}
+            done = {s.image for s in job_states(_layout(spec).jobs / run_id) if s.status == DONE}
         failed = len(plan.invalid) + sum(1 for s in plan.scenes if s["image"] not in done)
         if error is None and failed:
             reasons = [f"{Path(k).name}: {v}" for k, v in plan.invalid.items()]
@@ -388,10 +385,10 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
             "scenes_failed": failed, "job_id": job_id, "submission_id": sid,
             "status": "failed" if failed or (error and plan.scenes) else ("done" if plan.scenes else "idle"),
             "message": error, "model_key": plan.model_key,
-            "job_out": str(_jobs_dir(spec) / run_id) if plan.scenes else None,
+            "job_out": str(_layout(spec).jobs / run_id) if plan.scenes else None,
             "host": socket.gethostname(), "satseg_version": __version__,
         }
-        write_table(pa.Table.from_pylist([row], schema=RUNS), _runs_file(spec, run_id))
+        write_table(pa.Table.from_pylist([row], schema=RUNS), _layout(spec).runs_file(spec.name, run_id))
         log(f"tick {run_id}: {row['status']}: found {plan.found}, submitted {len(plan.scenes)}, "
             f"skipped {len(plan.skipped)}, failed {failed}" + (f"; {error}" if error else ""))
         return row

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from schemas.errors import ClusterError, JobNotFoundError, SpecError
+from schemas.errors import ClusterError, JobNotFoundError, SpecError, first_line
 from schemas.job import JobSpec, job_from_dict
 
 __all__ = [
@@ -119,9 +119,8 @@ def jobs_client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # noqa: BLE001  (connection, auth, version: each becomes one line)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ClusterError(
-            f"no Ray Jobs API answers at {address} ({first}); check --address / RAY_ADDRESS and the cluster"
+            f"no Ray Jobs API answers at {address} ({first_line(err)}); check --address / RAY_ADDRESS and the cluster"
         ) from None
 
 
@@ -189,15 +188,14 @@ def submit_job(
             entrypoint=entrypoint(python), runtime_env=runtime_env, submission_id=submission_id, metadata=meta
         )
     except Exception as err:  # noqa: BLE001
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ClusterError(f"the cluster refused the job: {first}") from None
+        raise ClusterError(f"the cluster refused the job: {first_line(err)}") from None
 
 
 def _row(info) -> JobRow:
     meta = info.metadata or {}
     return JobRow(
         info.submission_id or info.job_id or "?", str(info.status.value if hasattr(info.status, "value") else info.status),
-        (info.message or "").strip().splitlines()[0] if info.message else "", info.start_time, info.end_time,
+        first_line(info.message or ""), info.start_time, info.end_time,
         meta.get("satseg_out"), meta.get("satseg_scenes"), info.entrypoint or "",
     )
 
@@ -206,8 +204,7 @@ def _not_found(err: Exception, job_id: str, client) -> Exception:
     text = str(err)
     if "does not exist" in text or "404" in text:
         return JobNotFoundError(f"no job {job_id!r} on {client.get_address()}; list the jobs with `satseg jobs list`")
-    first = (text.strip().splitlines() or [type(err).__name__])[0]
-    return ClusterError(f"request for job {job_id!r} failed: {first}")
+    return ClusterError(f"request for job {job_id!r} failed: {first_line(err)}")
 
 
 def list_jobs(client) -> list[JobRow]:

@@ -30,10 +30,12 @@ from pipeline.core.geometry import Window
 from pipeline.progress import progress_bar
 from pipeline.train_state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state, train_state_path
 from schemas.errors import SpecError
+from schemas.job import TILE_MULTIPLE, check_device, resolve_device
 from workers.reader import check_bands, check_labels_match, open_scene, read_image_window, read_label_window
 
 __all__ = [
-    "DEVICES",
+    "TrainData",
+    "TrainSettings",
     "SceneSplit",
     "EpochReport",
     "TrainResult",
@@ -41,17 +43,72 @@ __all__ = [
     "split_scene",
     "sample_windows",
     "improves",
-    "resolve_device",
+    "training_device",
     "soft_dice_loss",
     "band_statistics",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")
-_CROP_MULTIPLE = 32  # workers.models.TILE_MULTIPLE: the coarsest feature map is 1/32 of a crop
 _WEIGHT_DECAY = 1e-4
 _POLY_POWER = 0.9
 _STAT_WINDOWS = 32
 _LOSS = "cross_entropy + soft_dice"
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What to learn from: image/label GeoTIFF pairs, in the same order, and the bands and classes to use.
+
+    ``bands`` defaults to all of them, ``class_names`` to the first label raster's ``classes`` tag.
+    """
+
+    images: tuple[str | Path, ...]
+    labels: tuple[str | Path, ...]
+    bands: tuple[int, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("images", "labels", "bands", "class_names"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if len(self.images) != len(self.labels) or not self.images:
+            raise SpecError(
+                f"{len(self.images)} image(s) but {len(self.labels)} label raster(s) "
+                f"({', '.join(map(str, self.labels)) or 'none'}); give one --labels per --image, in the same order"
+            )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train; checked when built, with the messages `satseg train` gives for its flags.
+
+    A resumed run must repeat every field except ``epochs`` (which may grow), ``threads`` and ``device``.
+    """
+
+    epochs: int = 10
+    steps_per_epoch: int = 40
+    batch_size: int = 8
+    crop: int = 128
+    lr: float = 2e-3
+    val_fraction: float = 0.15
+    val_crops: int = 32
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.crop <= 0 or self.crop % TILE_MULTIPLE:
+            nearest = max(TILE_MULTIPLE, round(self.crop / TILE_MULTIPLE) * TILE_MULTIPLE)
+            raise SpecError(
+                f"crop size must be a positive multiple of {TILE_MULTIPLE} (got {self.crop}); try --crop {nearest}"
+            )
+        for flag, value in (("--epochs", self.epochs), ("--steps-per-epoch", self.steps_per_epoch),
+                            ("--batch-size", self.batch_size), ("--val-crops", self.val_crops)):
+            if value < 1:
+                raise SpecError(f"{flag} must be at least 1 (got {value})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SpecError(f"--val-fraction must lie strictly between 0 and 1 (got {self.val_fraction}); e.g. 0.15")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -156,13 +213,12 @@ def improves(miou: float, best: float | None) -> bool:
     return best is None or math.isnan(best) or miou > best
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for ``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
-    if name not in DEVICES:
-        raise SpecError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
+def training_device(name: str) -> torch.device:
+    """The torch device to train on (``schemas.job.resolve_device``); ``cuda`` without a GPU here is refused."""
+    device = resolve_device(name, torch.cuda.device_count())
+    if device == "cuda" and not torch.cuda.is_available():
         raise SpecError("--device cuda, but torch sees no CUDA GPU; use --device auto or cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device(device)
 
 
 def _class_names(labels: list[str], given: Sequence[str] | None) -> list[str]:
@@ -173,23 +229,6 @@ def _class_names(labels: list[str], given: Sequence[str] | None) -> list[str]:
     if tag:
         return tag.split(",")
     raise SpecError(f"{labels[0]}: label raster has no `classes` tag; pass the class names with --classes")
-
-
-def _check_settings(images: Sequence, labels: Sequence, epochs: int, steps: int, batch: int, crop: int,
-                    val_fraction: float, val_crops: int) -> None:
-    if len(images) != len(labels) or not images:
-        raise SpecError(
-            f"{len(images)} image(s) but {len(labels)} label raster(s) ({', '.join(map(str, labels)) or 'none'}); "
-            "give one --labels per --image, in the same order"
-        )
-    if crop <= 0 or crop % _CROP_MULTIPLE:
-        nearest = max(_CROP_MULTIPLE, round(crop / _CROP_MULTIPLE) * _CROP_MULTIPLE)
-        raise SpecError(f"crop size must be a positive multiple of {_CROP_MULTIPLE} (got {crop}); try --crop {nearest}")
-    for flag, value in (("--epochs", epochs), ("--steps-per-epoch", steps), ("--batch-size", batch), ("--val-crops", val_crops)):
-        if value < 1:
-            raise SpecError(f"{flag} must be at least 1 (got {value})")
-    if not 0.0 < val_fraction < 1.0:
-        raise SpecError(f"--val-fraction must lie strictly between 0 and 1 (got {val_fraction}); e.g. 0.15")
 
 
 def _draw(rng: np.random.Generator, splits: Sequence[SceneSplit], part: Literal["train", "validation"], crop: int,
@@ -272,17 +311,18 @@ def _describe(model_name: str, epoch: int, epochs: int, losses: list[float], ste
     )
 
 
-def _provenance(config: dict[str, Any], epochs: int, best_epoch: int, history: list[float], losses: list[float],
-                steps: int, splits: Sequence[SceneSplit], device: torch.device, amp: bool) -> dict[str, Any]:
+def _provenance(config: dict[str, Any], settings: TrainSettings, best_epoch: int, history: list[float],
+                losses: list[float], splits: Sequence[SceneSplit], device: torch.device, amp: bool) -> dict[str, Any]:
+    epochs, steps = settings.epochs, settings.steps_per_epoch
     return {
         "images": config["images"],
         "labels": config["labels"],
         "epochs": epochs,
         "steps_per_epoch": steps,
-        "batch_size": config["batch_size"],
-        "crop": config["crop"],
-        "lr": config["lr"],
-        "seed": config["seed"],
+        "batch_size": settings.batch_size,
+        "crop": settings.crop,
+        "lr": settings.lr,
+        "seed": settings.seed,
         "loss": _LOSS,
         "optimizer": f"AdamW(weight_decay={_WEIGHT_DECAY})",
         "lr_schedule": f"poly({_POLY_POWER}) per step over {epochs * steps} steps",
@@ -292,8 +332,8 @@ def _provenance(config: dict[str, Any], epochs: int, best_epoch: int, history: l
         "validation_history": [_json_number(v) for v in history],
         "loss_history": [_json_number(float(np.mean(losses[i : i + steps]))) for i in range(0, len(losses), steps)],
         "validation": {
-            "fraction": config["val_fraction"],
-            "crops": config["val_crops"],
+            "fraction": settings.val_fraction,
+            "crops": settings.val_crops,
             "rows": [[s.validation.row_off, s.validation.row_stop] for s in splits],
         },
         "final_loss": _json_number(losses[-1]),
@@ -304,58 +344,49 @@ def _provenance(config: dict[str, Any], epochs: int, best_epoch: int, history: l
 
 
 def train_model(
-    images: Sequence[str | Path],
-    labels: Sequence[str | Path],
+    data: TrainData,
     model_name: str,
     out: str | Path,
+    settings: TrainSettings = TrainSettings(),
     *,
-    epochs: int = 10,
-    steps_per_epoch: int = 40,
-    batch_size: int = 8,
-    crop: int = 128,
-    lr: float = 2e-3,
-    bands: Sequence[int] | None = None,
-    class_names: Sequence[str] | None = None,
     model_options: dict | None = None,
-    seed: int = 0,
-    threads: int | None = None,
-    show_progress: bool = True,
-    val_fraction: float = 0.15,
-    val_crops: int = 32,
     resume: bool = False,
-    device: str = "auto",
+    show_progress: bool = True,
     on_epoch_end: Callable[[EpochReport], None] | None = None,
 ) -> TrainResult:
-    """Fit ``model_name`` on image/label pairs; ``out`` gets the best epoch by validation mean IoU.
+    """Fit ``model_name`` on ``data``; ``out`` gets the best epoch by validation mean IoU.
 
     With ``resume``, continue from the state beside ``out`` (same settings; ``epochs`` may
     grow, which stretches the poly learning-rate decay over the new total).
     """
     from workers.models import create_model, save_checkpoint
 
-    _check_settings(images, labels, epochs, steps_per_epoch, batch_size, crop, val_fraction, val_crops)
-    dev = resolve_device(device)
+    images, labels = data.images, data.labels
+    epochs, steps_per_epoch, batch_size, crop = settings.epochs, settings.steps_per_epoch, settings.batch_size, settings.crop
+    seed = settings.seed
+    dev = training_device(settings.device)
     amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-    if threads:
-        torch.set_num_threads(threads)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     infos = [open_scene(p) for p in images]
     label_infos = [open_scene(p, role="label") for p in labels]
     for info, lab in zip(infos, label_infos):
         check_labels_match(info, lab)
-    bands = list(bands or range(1, infos[0].count + 1))
+    bands = list(data.bands or range(1, infos[0].count + 1))
     for info in infos:
         check_bands(info, bands)
-    names = _class_names([str(p) for p in labels], class_names)
+    names = _class_names([str(p) for p in labels], data.class_names)
     c = len(names)
-    splits = tuple(split_scene(i.path, l.path, i.height, i.width, crop, val_fraction) for i, l in zip(infos, label_infos))
+    splits = tuple(split_scene(i.path, l.path, i.height, i.width, crop, settings.val_fraction)
+                   for i, l in zip(infos, label_infos))
     options = dict(model_options or {})
     out = Path(out)
     state_path = train_state_path(out)
     config = {
         "model": model_name, "model_options": options, "bands": bands, "class_names": names,
         "images": [str(Path(p).resolve()) for p in images], "labels": [str(Path(p).resolve()) for p in labels],
-        "crop": crop, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "lr": lr, "seed": seed,
-        "val_fraction": val_fraction, "val_crops": val_crops,
+        "crop": crop, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "lr": settings.lr, "seed": seed,
+        "val_fraction": settings.val_fraction, "val_crops": settings.val_crops,
     }
     state = load_train_state(state_path) if resume else None
     if state is not None:
@@ -369,7 +400,7 @@ def train_model(
         mean, std = band_statistics([(splits[k].image, w) for k, w in stat_draws], bands)
     else:
         mean, std = state.mean, state.std
-    val_windows = _draw(np.random.default_rng([seed, 1]), splits, "validation", crop, val_crops)
+    val_windows = _draw(np.random.default_rng([seed, 1]), splits, "validation", crop, settings.val_crops)
     val_x, val_y = _read_crops(splits, val_windows, bands, mean, std, c)
     if not bool((val_y >= 0).any()):
         raise SpecError(
@@ -379,7 +410,7 @@ def train_model(
 
     memory = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
     model = create_model(model_name, len(bands), c, **options).to(dev, memory_format=memory)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=_WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=_WEIGHT_DECAY)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total) ** _POLY_POWER)
     losses: list[float] = []
@@ -427,7 +458,7 @@ def train_model(
             best = history[best_epoch - 1] if best_epoch else None
             if best_weights is None or improves(history[-1], best):
                 best_epoch, best_weights = epoch + 1, _cpu_copy(model.state_dict())
-                save_best(_provenance(config, epochs, best_epoch, history, losses, steps_per_epoch, splits, dev, amp))
+                save_best(_provenance(config, settings, best_epoch, history, losses, splits, dev, amp))
             save_train_state(state_path, TrainState(
                 config=config, epoch=epoch + 1, losses=losses, history=history, best_epoch=best_epoch, mean=list(mean),
                 std=list(std), model=_cpu_copy(model.state_dict()), best_model=best_weights, optimizer=opt.state_dict(),
@@ -439,7 +470,7 @@ def train_model(
                 on_epoch_end(EpochReport(epoch + 1, epochs, float(np.mean(losses[-steps_per_epoch:])), history[-1],
                                          best_epoch, history[best_epoch - 1], model))
     model.load_state_dict(best_weights)
-    sha = save_best(_provenance(config, epochs, best_epoch, history, losses, steps_per_epoch, splits, dev, amp))
+    sha = save_best(_provenance(config, settings, best_epoch, history, losses, splits, dev, amp))
     return TrainResult(
         checkpoint=out, sha256=sha, losses=losses, seconds=time.perf_counter() - t0,
         validation_miou=history[best_epoch - 1], best_epoch=best_epoch, history=history, state=state_path,

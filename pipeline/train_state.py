@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from schemas.errors import CheckpointError
+from schemas.errors import CheckpointError, first_line
 from workers.models.checkpoint import write_safetensors
 
 __all__ = [
@@ -144,7 +144,7 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
             text = (stream.metadata() or {}).get(_METADATA_KEY)
         tensors = load_file(location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{location} is not a readable safetensors file ({_one_line(exc)}); {_FIX}") from exc
+        raise CheckpointError(f"{location} is not a readable safetensors file ({first_line(exc)}); {_FIX}") from exc
     try:
         header = json.loads(text) if text is not None else None
     except json.JSONDecodeError as exc:
@@ -159,7 +159,7 @@ def load_train_state(path: str | os.PathLike[str]) -> TrainState:
     try:
         return _decode(header, tensors)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{location} has an incomplete training state ({_one_line(exc)}); {_FIX}") from exc
+        raise CheckpointError(f"{location} has an incomplete training state ({first_line(exc)}); {_FIX}") from exc
 
 
 def _decode(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TrainState:
@@ -203,7 +203,3 @@ def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -18,6 +18,8 @@ __all__ = [
     "JobNotFoundError",
     "ScenesFailedError",
     "user_error",
+    "first_line",
+    "one_line",
 ]
 
 
@@ -66,3 +68,29 @@ def user_error(err: BaseException | None) -> SatsegError | None:
         err = getattr(err, "cause", None) or err.__cause__
         seen += 1
     return None
+
+
+def first_line(err: BaseException | str) -> str:
+    """The first non-empty line of an error's text (or of ``err`` itself), else the error's type name."""
+    lines = str(err).strip().splitlines()
+    return lines[0].strip() if lines else ("" if isinstance(err, str) else type(err).__name__)
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: a user error's message, else the innermost cause's type and first line.
+
+    Ray wraps a task's exception in a ``RayTaskError`` whose text is a traceback;
+    the original exception is its ``cause``. The one rule for folding an error
+    into a line: scene states, the schedule's runs rows and the command line use it.
+    """
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "interrupted; rerun the same job to resume"
+    for _ in range(5):
+        if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
+            return first_line(err)
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    text = first_line(str(err))
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

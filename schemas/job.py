@@ -13,9 +13,33 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
+from schemas.store import MASK_NODATA
 from schemas.specfile import check_safe_name, describe, read_mapping, resolve_path
 
-__all__ = ["SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
+__all__ = ["TILE_MULTIPLE", "DEVICES", "check_device", "resolve_device", "SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
+
+TILE_MULTIPLE = 32
+"""Tile (and training crop) height and width are multiples of this: the models' coarsest feature map is 1/32."""
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str) -> None:
+    """Refuse a device name other than auto, cpu or cuda, in one line."""
+    if name not in DEVICES:
+        raise SpecError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+
+
+def resolve_device(requested: str, gpus: int) -> str:
+    """The device a ``device: auto|cpu|cuda`` setting means where ``gpus`` GPUs are available: the one rule.
+
+    ``cuda`` stays cuda even with no GPU in sight (an autoscaling cluster starts one; a worker without one fails
+    loudly); ``auto`` takes a GPU when there is one.
+    """
+    check_device(requested)
+    return "cuda" if requested == "cuda" or (requested == "auto" and gpus >= 1) else "cpu"
+
 
 class SceneSpec(BaseModel):
     """One scene: an image, optionally its label raster, and a name for its outputs."""
@@ -117,8 +141,8 @@ class JobSpec(ScoringSpec):
     @field_validator("tile_size")
     @classmethod
     def _tile(cls, v: int) -> int:
-        if v < 32 or v % 32:
-            raise ValueError(f"must be a positive multiple of 32 (got {v})")
+        if v < TILE_MULTIPLE or v % TILE_MULTIPLE:
+            raise ValueError(f"must be a positive multiple of {TILE_MULTIPLE} (got {v})")
         return v
 
     @field_validator("bands")
@@ -132,12 +156,12 @@ class JobSpec(ScoringSpec):
     def _consistent(self) -> "JobSpec":
         if not 0 <= self.overlap < self.tile_size:
             raise ValueError(f"overlap must be >= 0 and smaller than tile_size {self.tile_size} (got {self.overlap})")
-        if self.chunk_size is not None and self.chunk_size < 32:
-            raise ValueError(f"chunk_size must be at least 32 (got {self.chunk_size})")
+        if self.chunk_size is not None and self.chunk_size < TILE_MULTIPLE:
+            raise ValueError(f"chunk_size must be at least {TILE_MULTIPLE} (got {self.chunk_size})")
         if self.model is None and self.checkpoint is None:
             raise ValueError("give a model name or a checkpoint")
-        if self.classes is not None and len(self.classes) > 255:
-            raise ValueError(f"at most 255 classes fit a uint8 mask with nodata 255 (got {len(self.classes)})")
+        if self.classes is not None and len(self.classes) > MASK_NODATA:
+            raise ValueError(f"at most {MASK_NODATA} classes fit a uint8 mask with nodata {MASK_NODATA} (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
             raise ValueError("a model without a checkpoint needs `classes` (the class names)")
         names = [s.scene_name for s in self.scenes]

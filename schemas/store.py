@@ -1,11 +1,24 @@
-"""Where a job's outputs live under its output folder."""
+"""Where outputs live: a job's output folder, a schedule's, and how any file in them is replaced.
+
+Every path under a job's or a schedule's ``out`` is named here, and every file
+written there is replaced in one rename (``replacing``), so no reader ever
+sees half a file.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["OutputLayout", "REPORT_TABLES", "is_zarr_node"]
+__all__ = ["MASK_NODATA", "OutputLayout", "ScheduleLayout", "REPORT_TABLES", "is_zarr_node", "replacing", "write_json"]
+
+MASK_NODATA = 255
+"""The class masks' nodata value (uint8): no class, never counted. So a job has at most 255 classes."""
 
 REPORT_TABLES = ("tiles", "classes", "scenes", "curves", "aggregates", "runs")  # runs: one row per schedule tick
 
@@ -50,5 +63,70 @@ class OutputLayout:
     def chunk_markers(self, scene: str) -> Path:
         return self.state / scene / "chunks"
 
-    def scene_done(self, scene: str) -> Path:
-        return self.state / scene / "COMPLETE"
+    def status_file(self, scene: str) -> Path:
+        """The scene's last state (pending, running, done, failed) for `satseg status`; not the record of done."""
+        return self.state / scene / "status.json"
+
+
+@dataclass(frozen=True)
+class ScheduleLayout:
+    """``OUT/schedule.lock``, ``OUT/jobs/<run_id>/`` (a job folder each, plus tick.json and submission.json),
+    ``OUT/reports/runs/schedule=<name>/<run_id>.parquet``."""
+
+    root: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "schedule.lock"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    def job(self, run_id: str) -> OutputLayout:
+        return OutputLayout(self.jobs / run_id)
+
+    def tick_file(self, run_id: str) -> Path:
+        """What a tick runs, written before its job starts."""
+        return self.jobs / run_id / "tick.json"
+
+    def submission_file(self, run_id: str) -> Path:
+        """The Ray Jobs submission of a tick run on a cluster."""
+        return self.jobs / run_id / "submission.json"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "reports" / "runs"
+
+    def runs_file(self, schedule: str, run_id: str) -> Path:
+        return self.runs / f"schedule={schedule}" / f"{run_id}.parquet"
+
+
+@contextmanager
+def replacing(path: Path, mode: str = "wb") -> Iterator:
+    """Write ``path`` whole or not at all: a temporary file beside it, renamed over it on success, removed on failure.
+
+    Yields an open file (``mode``), or the temporary path itself when ``mode`` is ``"path"`` (for writers that
+    take a path). The one rule for atomic writes under an output folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if mode == "path":
+            os.close(fd)
+            yield Path(tmp)
+        else:
+            with os.fdopen(fd, mode) as f:
+                yield f
+        os.chmod(tmp, 0o644)  # as a plain open() would leave it, not mkstemp's 0o600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace a JSON file atomically: never half-written."""
+    with replacing(path, "w") as f:
+        json.dump(data, f, indent=2)

@@ -10,7 +10,7 @@ from rasterio.transform import from_origin
 
 from pipeline.core.geometry import Window
 from workers.reader import SceneInfo
-from workers.writer import create_mask_store, set_store_attrs, write_mask_chunk
+from workers.mask_store import create_mask_store, mark_complete, write_mask_chunk
 
 TRANSFORM = tuple(from_origin(500000.0, 4_600_000.0, 10.0, 10.0))[:6]
 
@@ -19,13 +19,13 @@ def write_store(path: Path, mask: np.ndarray, chunk: int, class_names: list[str]
     """A mask store holding ``mask`` (uint8, 255 = nodata) in EPSG:32633, written chunk by chunk like a job does."""
     h, w = mask.shape
     info = SceneInfo(str(path), h, w, 1, "uint8", CRS.from_epsg(32633).to_wkt(), TRANSFORM, None)
-    create_mask_store(path, info, chunk, {"class_names": class_names, "satseg_job_id": "test", "satseg_complete": False})
+    create_mask_store(path, info, chunk, class_names=class_names, job_id="test")
     for r in range(0, h, chunk):
         for c in range(0, w, chunk):
             win = Window(r, c, min(chunk, h - r), min(chunk, w - c))
             write_mask_chunk(path, win, mask[win.row_off : win.row_stop, win.col_off : win.col_stop])
     if complete:
-        set_store_attrs(path, satseg_complete=True)
+        mark_complete(path)
     return path
 
 

@@ -217,3 +217,33 @@ def test_query_is_read_only_and_confined_to_the_reports(capsys, tmp_path, sql, s
     code, out, _ = run_cli(capsys, "query", "WITH s AS (SELECT * FROM scenes) SELECT scene, job_id FROM s", "--reports",
                            str(tmp_path / "out"), "--format", "csv")
     assert code == 0 and out.strip() == "scene,job_id\na,abc"
+
+
+@pytest.mark.parametrize(
+    ("transform", "crs", "match"),
+    [
+        (from_origin(500000 + 1e-6, 4600000, 10, 10), "EPSG:32633", True),  # a ten-millionth of a pixel: the same grid
+        (from_origin(500000 + 0.05, 4600000, 10, 10), "EPSG:32633", False),  # a two-hundredth of a pixel: not
+        (from_origin(500000, 4600000, 10, 10), "+proj=utm +zone=33 +datum=WGS84 +units=m +no_defs", True),  # same CRS, other text
+        (from_origin(500000, 4600000, 10, 10), "EPSG:32634", False),
+    ],
+)
+def test_run_and_evaluate_match_grids_by_one_rule(tmp_path, transform, crs, match):
+    """`satseg run` (image vs labels) and `satseg evaluate` (mask vs labels) decide the same for the same pair."""
+    from pipeline.evaluate import _check_same_grid, _open_raster
+    from schemas.errors import MismatchError
+    from workers.reader import check_labels_match, open_scene
+
+    a = write_tif(tmp_path / "a.tif", np.zeros((20, 30), np.uint8))
+    b = write_tif(tmp_path / "b.tif", np.zeros((20, 30), np.uint8), transform=transform, crs=crs)
+    decisions = []
+    for check in (
+        lambda: check_labels_match(open_scene(a), open_scene(b, role="label")),
+        lambda: _check_same_grid(_open_raster(a, "prediction", 64), _open_raster(b, "label", 64)),
+    ):
+        try:
+            check()
+            decisions.append(True)
+        except MismatchError:
+            decisions.append(False)
+    assert decisions == [match, match]

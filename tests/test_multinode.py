@@ -1,9 +1,12 @@
 """A real job on a simulated three-node Ray cluster (`ray.cluster_utils.Cluster` on loopback).
 
 The cluster runs in a subprocess with its own Ray temp dir, so the session's
-`ray_local` instance is untouched. The mask must equal the single-node run's,
-and Dask's reduction must have run as Ray tasks (`ray.util.dask`), which a
-`RayDaskCallback` proves from inside the workers.
+`ray_local` instance is untouched. The subprocess starts with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads when first imported,
+so the simulated nodes start on 127.0.0.1, not on the machine's outward IP.
+The mask must equal the single-node run's, and Dask's reduction must have
+run as Ray tasks (`ray.util.dask`), which a `RayDaskCallback` proves from
+inside the workers.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _drive(spec_json: str, witness: str) -> dict:
     """In the subprocess: start a 3-node cluster, run the job on it, report where things ran."""
-    import pipeline.cluster  # noqa: F401  (sets the loopback environment before Ray is imported)
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.dask import RayDaskCallback
     from ray.util.state import list_actors, list_tasks
 
+    from pipeline.cluster import connect
     from schemas.job import job_from_dict
 
     class Witness(RayDaskCallback):
@@ -62,6 +65,7 @@ def _drive(spec_json: str, witness: str) -> dict:
         spec = job_from_dict({**json.loads(spec_json), "address": cluster.address})  # as `satseg run --address`
         with Witness(witness):
             run_job(spec, show_progress=False)
+        rejoined = connect(None)  # no address now: whether this is a cluster comes from Ray itself
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         actors = [a.node_id for a in list_actors(filters=[("class_name", "=", "TilePredictor")], detail=True)]
         reads: list = []
@@ -72,7 +76,10 @@ def _drive(spec_json: str, witness: str) -> dict:
             if len(reads) >= 16 and all(reads):
                 break
             time.sleep(0.5)
-        return {"nodes": nodes, "driver_pid": os.getpid(), "actor_nodes": actors, "read_nodes": reads}
+        return {
+            "nodes": nodes, "driver_pid": os.getpid(), "actor_nodes": actors, "read_nodes": reads, "on_cluster": rejoined,
+            "node_ips": sorted({n["NodeManagerAddress"] for n in ray.nodes()}),
+        }
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -85,7 +92,7 @@ def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_
     witness = tmp_path / "witness"
     witness.mkdir()
     ray_tmp = tempfile.mkdtemp(prefix="satseg-mn-")  # short: Ray's socket paths must stay under ~107 characters
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
         proc = subprocess.run(
@@ -104,6 +111,8 @@ def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_
 
     nodes = set(ran["nodes"])
     assert len(nodes) == 3
+    assert ran["node_ips"] == ["127.0.0.1"]  # every simulated node on loopback
+    assert ran["on_cluster"] is True
     assert len(ran["actor_nodes"]) == 2 and set(ran["actor_nodes"]) <= nodes
     assert len(ran["read_nodes"]) >= 16 and set(ran["read_nodes"]) <= nodes  # one read per chunk (4 x 4), or retries
 

@@ -13,6 +13,7 @@ import xarray as xr
 import zarr
 
 from pipeline.core.metrics import confusion_matrix, segmentation_metrics
+from pipeline.job_folder import read_scene_state, scene_complete
 from pipeline.run import run_job
 from pipeline.core.stitch import sliding_window_predict
 from schemas.job import job_from_dict
@@ -141,13 +142,15 @@ def test_rerun_resumes_and_finishes_a_partial_scene(ray_local, odd_scene, tmp_pa
     first = run_job(spec, show_progress=False)
     layout = first.layout
     # Simulate a crash after 5 chunks: drop the other markers, the completion, and the chunks' data.
+    assert scene_complete(layout, "odd") and read_scene_state(layout, "odd").status == "done"
     markers = sorted(layout.chunk_markers("odd").iterdir())
     arr = zarr.open_array(str(layout.mask_store("odd")), path="mask", mode="r+")
     for m in markers[5:]:
         r, c = map(int, m.name.split("."))
         arr[r * 100 : (r + 1) * 100, c * 100 : (c + 1) * 100] = 255
         m.unlink()
-    layout.scene_done("odd").unlink()
+    arr.attrs["satseg_complete"] = False
+    assert not scene_complete(layout, "odd") and read_scene_state(layout, "odd").status == "pending"
     again = run_job(spec, show_progress=False)
     assert again.scenes[0].chunks_resumed == 5
     assert np.array_equal(stored_mask(again), stored_mask(blend_run))
@@ -196,7 +199,7 @@ def test_every_actor_gets_chunks_and_each_strip_keeps_its_order(actors, size):
 
 
 def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_scene, tmp_path):
-    from pipeline.run import _job_id, resolve_model
+    from pipeline.run import job_id_of, resolve_model
     from schemas.job import RUN_SETTINGS, JobSpec
 
     base = job(odd_scene, tmp_path / "a")
@@ -206,7 +209,7 @@ def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_sc
     assert set(same) == RUN_SETTINGS  # every run setting is tried
     for key, value in same.items():
         other = base.model_copy(update={key: value})
-        assert _job_id(other, model, "cpu") == _job_id(base, model, "cpu"), key
+        assert job_id_of(other, model, "cpu") == job_id_of(base, model, "cpu"), key
     different = {"tile_size": 96, "overlap": 8, "chunk_size": 128, "stitch": "crop", "window": "triangular", "tta": "flip",
                  "seed": 1, "save_probabilities": True, "bands": [1, 2, 3, 4], "model_options": {"width_multiplier": 0.5},
                  "classes": CLASSES[::-1], "ignore_index": 0, "boundary_width": 2, "boundary_ratio": 0.01,
@@ -216,8 +219,8 @@ def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_sc
     assert set(different) == identity  # every identity field is tried
     for key, value in different.items():
         other = base.model_copy(update={key: job(odd_scene, tmp_path / "a", **{key: value}).__dict__[key]})
-        assert _job_id(other, model, "cpu") != _job_id(base, model, "cpu"), key
-    assert _job_id(base, model, "cuda") != _job_id(base, model, "cpu")  # bfloat16 on a GPU, float32 on a CPU
+        assert job_id_of(other, model, "cpu") != job_id_of(base, model, "cpu"), key
+    assert job_id_of(base, model, "cuda") != job_id_of(base, model, "cpu")  # bfloat16 on a GPU, float32 on a CPU
 
 
 def test_a_rerun_with_other_speed_settings_resumes_the_same_job(ray_local, odd_scene, tmp_path, blend_run):

@@ -23,6 +23,7 @@ from pipeline.synthetic import write_synthetic_scene
 from schemas.runs import RUNS
 from schemas.schedule import load_schedule
 from tests.conftest import CLASSES, TINY
+from workers.mask_store import is_complete
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_status import truncate
 
@@ -138,7 +139,7 @@ def test_a_failing_scene_is_counted_and_retried_last(ray_local, site):
     second = run_tick(spec, T2, log=lambda m: None)
     # a and c are done; b failed before and is tried again (last), and fails again
     assert (second["scenes_skipped"], second["scenes_submitted"], second["scenes_failed"]) == (2, 1, 2)
-    done = {p.parent.name for p in (site / "results" / "jobs").glob("*/state/*/COMPLETE")}
+    done = {p.name.removesuffix(".zarr") for p in (site / "results" / "jobs").glob("*/masks/*.zarr") if is_complete(p)}
     assert done == {"a", "c"}
 
 
@@ -154,7 +155,7 @@ def test_a_manifest_lists_scenes_relative_to_itself(ray_local, site):
 
 
 def test_an_earlier_local_ticks_leftover_state_does_not_hold_a_scene_back(ray_local, site, capsys):
-    from pipeline.state import PENDING, RUNNING, SceneState, write_scene_state
+    from pipeline.job_folder import PENDING, RUNNING, SceneState, write_scene_state
     from schemas.store import OutputLayout
 
     a = deliver(site, "a", 1)

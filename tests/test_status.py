@@ -12,7 +12,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.core.geometry import ChunkGrid
 from pipeline.run import run_job
-from pipeline.state import DONE, FAILED, PENDING, RUNNING, SceneState, job_states, model_key, one_line, write_scene_state
+from pipeline.job_folder import DONE, FAILED, PENDING, RUNNING, SceneState, job_states, model_key, write_scene_state
+from schemas.errors import one_line
 from pipeline.synthetic import write_synthetic_scene
 from schemas.errors import InputFileError, ScenesFailedError
 from schemas.job import job_from_dict

@@ -21,7 +21,7 @@ import zarr
 from pipeline.cli import main
 from pipeline.head import read_head
 from pipeline.run import run_job
-from pipeline.state import DONE, job_states
+from pipeline.job_folder import DONE, job_states
 from pipeline.submit import decode_spec, encode_spec, shipped_spec
 from pipeline.synthetic import write_synthetic_scene
 from schemas.job import load_job
@@ -256,7 +256,7 @@ def test_a_schedule_tick_is_submitted_to_the_cluster_and_waited_for(head, tmp_pa
 
 def test_a_scene_whose_earlier_tick_job_still_runs_on_the_cluster_is_skipped(head, ray_local, tmp_path, monkeypatch):
     from pipeline.schedule import run_tick, schedule_model_key
-    from pipeline.state import PENDING, SceneState, write_scene_state
+    from pipeline.job_folder import PENDING, SceneState, write_scene_state
     from schemas.schedule import load_schedule
     from schemas.store import OutputLayout
     from tests.test_schedule import T1, T2, checkpoint, deliver, write_schedule

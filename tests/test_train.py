@@ -1,6 +1,8 @@
 """Training: loss goes down, held-out validation picks the best epoch, runs repeat and resume exactly."""
 
+import argparse
 import json
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -9,9 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.cli import main as cli_main
+from pipeline.cli.train import add_arguments
 from pipeline.core.geometry import Window
 from pipeline.synthetic import DEMO_CLASSES, write_synthetic_scene
-from pipeline.train import improves, split_scene, train_model
+from pipeline.train import TrainData, TrainSettings, improves, split_scene, train_model
 from pipeline.train_state import train_state_path
 from schemas.errors import CheckpointError, SatsegError, SpecError
 from tests.conftest import TINY
@@ -21,8 +24,9 @@ from workers.models import load_checkpoint
 def test_short_training_reduces_loss_and_checkpoint_carries_metadata(tmp_path):
     scene = write_synthetic_scene(tmp_path, "train", 256, 256, seed=11, cell=48)
     ckpt = tmp_path / "model.safetensors"
-    result = train_model([scene.image], [scene.labels], "hrnet_w18_small_v1", ckpt, epochs=3, steps_per_epoch=10,
-                         batch_size=4, crop=64, lr=3e-3, model_options=TINY, seed=0, show_progress=False)
+    settings = TrainSettings(epochs=3, steps_per_epoch=10, batch_size=4, crop=64, lr=3e-3, seed=0)
+    result = train_model(TrainData([scene.image], [scene.labels]), "hrnet_w18_small_v1", ckpt, settings, model_options=TINY,
+                         show_progress=False)
     first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
     assert last < 0.8 * first, (first, last)
     loaded = load_checkpoint(ckpt)
@@ -55,8 +59,13 @@ def test_evaluate_geotiff_prediction_equals_direct_count(tmp_path, odd_scene):
 # --- validation split, best checkpoint, resume, reproducibility, bad inputs ---
 
 MODEL = "hrnet_w18_small_v1"
-QUICK = dict(epochs=4, steps_per_epoch=3, batch_size=2, crop=64, lr=3e-3, model_options=TINY, seed=0,
-             show_progress=False, val_crops=4, device="cpu")
+QUICK = TrainSettings(epochs=4, steps_per_epoch=3, batch_size=2, crop=64, lr=3e-3, seed=0, val_crops=4, device="cpu")
+
+
+def _train(scene, out, settings=QUICK, labels=None, **kwargs):
+    """A quick, quiet run of the tiny model on ``scene``."""
+    data = TrainData([scene.image], [scene.labels] if labels is None else labels)
+    return train_model(data, MODEL, out, settings, model_options=TINY, show_progress=False, **kwargs)
 
 
 class _Interrupted(Exception):
@@ -78,7 +87,7 @@ def straight(small_scene, tmp_path_factory):
         snapshots.append({k: v.detach().clone() for k, v in report.model.state_dict().items()})
 
     out = tmp_path_factory.mktemp("straight") / "model.safetensors"
-    result = train_model([small_scene.image], [small_scene.labels], MODEL, out, on_epoch_end=keep, **QUICK)
+    result = _train(small_scene, out, on_epoch_end=keep)
     return result, snapshots
 
 
@@ -89,11 +98,11 @@ def _tensors_equal(a, b):
 
 def test_same_seed_gives_identical_checkpoint_other_seed_does_not(small_scene, straight, tmp_path):
     first, _ = straight
-    again = train_model([small_scene.image], [small_scene.labels], MODEL, tmp_path / "again.safetensors", **QUICK)
+    again = _train(small_scene, tmp_path / "again.safetensors")
     assert _tensors_equal(first.checkpoint, again.checkpoint)
     assert _tensors_equal(first.state, again.state)
     assert again.losses == first.losses and again.history == first.history
-    other = train_model([small_scene.image], [small_scene.labels], MODEL, tmp_path / "other.safetensors", **{**QUICK, "seed": 1})
+    other = _train(small_scene, tmp_path / "other.safetensors", replace(QUICK, seed=1))
     assert not _tensors_equal(first.checkpoint, other.checkpoint)
 
 
@@ -106,11 +115,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(small_scene, straigh
             raise _Interrupted
 
     with pytest.raises(_Interrupted):
-        train_model([small_scene.image], [small_scene.labels], MODEL, out, on_epoch_end=stop_after_two, **QUICK)
+        _train(small_scene, out, on_epoch_end=stop_after_two)
     with safe_open(str(train_state_path(out)), framework="pt") as stream:
         header = json.loads(stream.metadata()["satseg_train_state"])
     assert header["epoch"] == 2 and header["rng"]["numpy"]["bit_generator"] == "PCG64"
-    resumed = train_model([small_scene.image], [small_scene.labels], MODEL, out, resume=True, **QUICK)
+    resumed = _train(small_scene, out, resume=True)
     assert _tensors_equal(first.checkpoint, resumed.checkpoint)
     assert _tensors_equal(first.state, resumed.state)  # weights, best weights, AdamW moments, RNG states
     assert resumed.losses == first.losses and resumed.history == first.history
@@ -160,11 +169,20 @@ def test_checkpoint_holds_best_epoch_by_validation_miou_and_state_holds_last(str
     ],
 )
 def test_bad_inputs_raise_one_line_errors(small_scene, tmp_path, change, error, words):
-    kwargs = {**QUICK, **change}
-    labels = kwargs.pop("labels", [small_scene.labels])
+    change = dict(change)
+    labels, resume = change.pop("labels", None), change.pop("resume", False)
     with pytest.raises(error) as exc:
-        train_model([small_scene.image], labels, MODEL, tmp_path / "m.safetensors", **kwargs)
+        _train(small_scene, tmp_path / "m.safetensors", replace(QUICK, **change), labels=labels, resume=resume)
     assert isinstance(exc.value, SatsegError) and "\n" not in str(exc.value) and words in str(exc.value)
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--image", "a.tif", "--labels", "b.tif", "--model", MODEL, "--out", "m.safetensors"])
+    shared = [f.name for f in fields(TrainSettings) if hasattr(args, f.name)]
+    assert shared == [f.name for f in fields(TrainSettings) if f.name != "threads"]
+    assert {n: getattr(args, n) for n in shared} == {n: getattr(TrainSettings(), n) for n in shared}
 
 
 def test_cli_trains_two_scenes_resumes_further_and_refuses_changed_settings(small_scene, tmp_path, capsys):

@@ -29,16 +29,21 @@ from pipeline.core.geometry import Window
 from pipeline.core.plan import ChunkTask, ScenePlan
 from pipeline.core.metrics import MASK_NODATA
 from pipeline.core.stitch import class_argmax, quantise_probabilities, stitch_chunk, window_weights
+from schemas.errors import one_line
+from schemas.job import resolve_device
 from workers.reader import WindowData, normalise
 from workers.tta import dihedral_transforms
 
-__all__ = ["ModelSource", "TileCache", "TilePredictor", "choose_batch_size", "pick_device"]
+__all__ = ["ModelSource", "TileCache", "TilePredictor", "TILE_CACHE_BYTES", "choose_batch_size", "pick_device",
+           "use_deterministic_cuda_kernels"]
 
 log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 1  # on CPU one 512-px tile per call is fastest per pixel (BENCHMARKS.md)
 MAX_BATCH_SIZE = 64
 GPU_MEMORY_FRACTION = 0.7
+TILE_CACHE_BYTES = 1 << 30
+"""Tile outputs an actor keeps for the next chunk of its strip; the driver sizes strips to fit half of it."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,20 @@ class ModelSource:
         return create_model(self.name, self.in_channels, self.num_classes, **self.options).eval()
 
 
+def use_deterministic_cuda_kernels() -> None:
+    """Process-wide: cuDNN picks deterministic kernels without autotuning, so a tile's output never depends on
+    timing (ARCHITECTURE.md, invariant 1).
+
+    Set for the whole process on purpose: a GPU actor owns its process, and its two calls run at once, so a
+    setting scoped to one call (``torch.backends.cudnn.flags``) would be restored under the other's feet.
+    """
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """The device this process runs a model on (``schemas.job.resolve_device`` over its visible GPUs)."""
+    return resolve_device(device, torch.cuda.device_count())
 
 
 def choose_batch_size(
@@ -127,21 +142,9 @@ class TileCache:
 class TilePredictor:
     """One model on one device; predicts batches of tiles and stitches chunks."""
 
-    def __init__(
-        self,
-        source: ModelSource,
-        *,
-        device: str = "auto",
-        batch_size: int | None = None,
-        threads: int | None = None,
-        cache_bytes: int = 1 << 30,
-        tta: str = "none",
-        compile: bool = False,
-    ):
-        self._setup(
-            source.build(), source.num_classes, device=device, batch_size=batch_size, threads=threads,
-            cache_bytes=cache_bytes, tta=tta, compile=compile,
-        )
+    def __init__(self, source: ModelSource, **options):
+        """The model ``source`` builds; ``options`` (device, batch_size, threads, cache_bytes, tta, compile) as `_setup`."""
+        self._setup(source.build(), source.num_classes, **options)
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, num_classes: int, **options) -> "TilePredictor":
@@ -161,18 +164,17 @@ class TilePredictor:
         device: str = "auto",
         batch_size: int | None = None,
         threads: int | None = None,
-        cache_bytes: int = 1 << 30,
+        cache_bytes: int = TILE_CACHE_BYTES,
         tta: str = "none",
         compile: bool = False,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
         self.device = torch.device(pick_device(device))
+        if self.device.type == "cuda":
+            use_deterministic_cuda_kernels()
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -195,7 +197,7 @@ class TilePredictor:
         try:
             return torch.compile(model)
         except Exception as err:  # e.g. a platform without a compiler backend
-            log.warning("torch.compile is unavailable (%s); running the model eagerly", _first_line(err))
+            log.warning("torch.compile is unavailable (%s); running the model eagerly", one_line(err))
             return None
 
     @property
@@ -211,7 +213,7 @@ class TilePredictor:
             except torch.OutOfMemoryError:
                 raise
             except Exception as err:
-                log.warning("torch.compile failed (%s); running the model eagerly", _first_line(err))
+                log.warning("torch.compile failed (%s); running the model eagerly", one_line(err))
                 self._compiled = None
         return self.model(x)
 
@@ -438,8 +440,3 @@ class TilePredictor:
 
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {"pid": os.getpid(), "node_id": node_id, "device": str(self.device), "tta": self.tta, "compiled": self.compiled}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

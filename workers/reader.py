@@ -17,6 +17,7 @@ import rasterio
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window as RioWindow
+from rasterio.crs import CRS
 
 from pipeline.core.geometry import Window, reflect_index
 from schemas.errors import InputFileError, MismatchError
@@ -130,20 +131,34 @@ def open_scene(path: str | Path, *, role: str = "image") -> SceneInfo:
         raise InputFileError(f"{path}: not a readable raster; give a GeoTIFF (or another GDAL raster)") from None
 
 
+def grid_difference(a: SceneInfo, b: SceneInfo, *, shape_only: bool = False) -> str | None:
+    """How ``b``'s pixel grid differs from ``a``'s (``"shape HxW differs from HxW"``, ``"CRS differs"``,
+    ``"transform differs"``), or None when they match pixel for pixel.
+
+    The one rule for matching two rasters: `satseg run` (image and labels) and
+    `satseg evaluate` (mask and labels) both use it. CRSs are compared as
+    coordinate systems, not as text; transforms agree to a millionth of a pixel.
+    """
+    if (a.height, a.width) != (b.height, b.width):
+        return f"shape {b.height}x{b.width} differs from {a.height}x{a.width}"
+    if shape_only:
+        return None
+    if (a.crs is None) != (b.crs is None) or (a.crs is not None and CRS.from_wkt(a.crs) != CRS.from_wkt(b.crs)):
+        return "CRS differs"
+    pixel = max(abs(v) for v in (a.transform[0], a.transform[1], a.transform[3], a.transform[4])) or 1.0
+    if not np.allclose(a.transform[:6], b.transform[:6], rtol=0, atol=1e-6 * pixel):
+        return "transform differs"
+    return None
+
+
 def check_labels_match(image: SceneInfo, labels: SceneInfo) -> None:
     """Labels must share the image's shape, CRS and transform, pixel for pixel."""
     fix = "resample or crop the labels onto the image grid"
     if labels.count < 1:
         raise MismatchError(f"{labels.path}: label raster has no band; {fix}")
-    if (labels.height, labels.width) != (image.height, image.width):
-        raise MismatchError(
-            f"{labels.path}: label shape {labels.height}x{labels.width} differs from image "
-            f"{image.height}x{image.width} ({image.path}); {fix}"
-        )
-    if labels.crs != image.crs:
-        raise MismatchError(f"{labels.path}: label CRS differs from the image's ({image.path}); {fix}")
-    if not np.allclose(labels.transform, image.transform, rtol=0, atol=1e-9 * max(1.0, max(map(abs, image.transform)))):
-        raise MismatchError(f"{labels.path}: label transform differs from the image's ({image.path}); {fix}")
+    difference = grid_difference(image, labels)
+    if difference is not None:
+        raise MismatchError(f"{labels.path}: label {difference} (image {image.path}); {fix}")
 
 
 def check_bands(scene: SceneInfo, bands: Sequence[int]) -> None:

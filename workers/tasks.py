@@ -10,7 +10,7 @@ import ray
 
 from pipeline.core.geometry import Window
 from workers.reader import WindowData, read_image_window
-from workers.writer import mark_chunk_done, write_mask_chunk, write_probabilities_chunk
+from workers.mask_store import mark_chunk_done, write_mask_chunk, write_probabilities_chunk
 
 __all__ = ["read_window_task", "write_chunk_task", "warm_up_task"]
 

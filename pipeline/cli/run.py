@@ -6,7 +6,7 @@ import argparse
 
 from pipeline.cli.summary import print_job_summary
 from schemas.errors import SpecError
-from schemas.job import job_from_dict, load_job
+from schemas.job import DEVICES, job_from_dict, load_job
 
 HELP = "run a tiling job (JOB.yaml, or --image ...) on the local Ray instance or a given cluster"
 
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the model through torch.compile (slower start, faster tiles; falls back to eager if compilation fails)",
     )
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, else one)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run (default auto)")
+    p.add_argument("--device", choices=DEVICES, help="where models run (default auto)")
     p.add_argument("--ignore-index", type=int, help="label value counted nowhere (default 255)")
     p.add_argument(
         "--save-probabilities", action="store_true", default=None,

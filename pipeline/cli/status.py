@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 HELP = "show each scene's state (pending, running, done, failed) from a job's output folder; needs no cluster"
@@ -14,30 +13,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
 
 
-def _job_id(root: Path) -> str | None:
-    try:
-        return json.loads((root / "job.json").read_text()).get("job_id")
-    except (OSError, ValueError):
-        return None
-
-
 def main(args: argparse.Namespace) -> int:
     from pipeline.query import format_rows
-    from pipeline.state import RUNNING, job_states
+    from pipeline.job_folder import RUNNING, job_states, read_job_record
     from schemas.errors import SpecError
+    from schemas.store import OutputLayout, ScheduleLayout
 
     root = Path(args.out)
-    if (root / "job.json").is_file():
+    schedule = ScheduleLayout(root)
+    if OutputLayout(root).job_file.is_file():
         jobs = [root]
-    elif (root / "jobs").is_dir():
-        jobs = sorted(p for p in (root / "jobs").iterdir() if (p / "job.json").is_file())
+    elif schedule.jobs.is_dir():
+        jobs = sorted(p for p in schedule.jobs.iterdir() if OutputLayout(p).job_file.is_file())
     else:
         raise SpecError(f"{root}: no job.json or jobs/ here; pass the `out` folder of a job or a schedule")
     rows = []
     for job in jobs:
         for s in job_states(job):
             status = f"{s.status} (process {s.pid} gone)" if s.status == RUNNING and s.process_gone else s.status
-            name = job.name if job != root else _job_id(job) or ""
+            name = job.name if job != root else (read_job_record(job) or {}).get("job_id") or ""
             rows.append((name, s.scene, status, s.chunks_done, s.chunks_total, s.updated_at, s.reason or ""))
     print(format_rows(["job", "scene", "status", "chunks_done", "chunks_total", "updated", "reason"], rows, args.format))
     if args.format == "table":

@@ -7,6 +7,7 @@ import json
 import sys
 
 from schemas.errors import SpecError
+from schemas.job import DEVICES
 
 HELP = "train a model on image/label GeoTIFFs (cross-entropy + soft Dice); keeps the best checkpoint by validation mean IoU"
 
@@ -32,13 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="validation crops, a fixed seeded set from the held-out rows (default 32)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the state beside --out (same settings; a larger --epochs trains further)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA when present (bf16 autocast), else CPU in fp32 (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.train import train_model
+    from pipeline.train import TrainData, TrainSettings, train_model
 
     try:
         options = json.loads(args.model_options)
@@ -46,13 +47,14 @@ def main(args: argparse.Namespace) -> int:
     except ValueError:
         raise SpecError("--model-options must be JSON and --bands comma-separated integers") from None
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    data = TrainData(args.image, args.labels, bands=bands, class_names=classes)
+    settings = TrainSettings(
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+        val_fraction=args.val_fraction, val_crops=args.val_crops, seed=args.seed, device=args.device,
+    )
     try:
-        result = train_model(
-            args.image, args.labels, args.model, args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-            batch_size=args.batch_size, crop=args.crop, lr=args.lr, bands=bands, class_names=classes,
-            model_options=options, seed=args.seed, show_progress=not args.quiet, val_fraction=args.val_fraction,
-            val_crops=args.val_crops, resume=args.resume, device=args.device,
-        )
+        result = train_model(data, args.model, args.out, settings, model_options=options, resume=args.resume,
+                             show_progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"satseg: interrupted; the last finished epoch is saved beside {args.out}; "
               "rerun the same command with --resume to continue", file=sys.stderr)

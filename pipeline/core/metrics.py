@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.store import MASK_NODATA  # the mask format's nodata value, one home
+
 __all__ = [
     "MASK_NODATA",
     "PROBABILITY_LEVELS",
@@ -32,7 +34,6 @@ __all__ = [
     "scene_scores",
 ]
 
-MASK_NODATA = 255
 PROBABILITY_LEVELS = 256  # stored probabilities are uint8: p = q / 255
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from schemas.errors import CheckpointError, SpecError
+from schemas.errors import CheckpointError, SpecError, first_line
+from schemas.store import replacing
 from workers.models.registry import create_model, list_models
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "file_sha256"]
@@ -90,7 +90,7 @@ def save_checkpoint(
         header = json.dumps(metadata, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({_one_line(exc)}); "
+            f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({first_line(exc)}); "
             "pass plain numbers, strings, lists and dicts"
         ) from exc
     return write_safetensors(path, model.state_dict(), {_METADATA_KEY: header})
@@ -99,17 +99,9 @@ def save_checkpoint(
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """Write tensors and string metadata atomically (temp file, then rename); returns the file's sha256."""
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(path, "path") as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
         sha256 = file_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return sha256
 
 
@@ -125,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         state_dict = load_file(location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"checkpoint {location} is not a readable safetensors file ({_one_line(exc)}); {_WRITTEN_BY}"
+            f"checkpoint {location} is not a readable safetensors file ({first_line(exc)}); {_WRITTEN_BY}"
         ) from exc
     if header is None:
         raise CheckpointError(f"checkpoint {location} has no satseg metadata; {_WRITTEN_BY}")
@@ -223,7 +215,3 @@ def _is_int(value: Any) -> bool:
 
 def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from schemas.errors import CheckpointError, SpecError
+from schemas.store import replacing
 from workers.models.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint
 from workers.models.registry import TILE_MULTIPLE
 
@@ -176,15 +176,7 @@ def _check_tile_size(tile: int) -> None:
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write through a temp file in the same folder, then rename, so no half-written file ever has ``path``'s name."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with replacing(path) as stream:
+            stream.write(data)
     except OSError as exc:
         raise SpecError(f"cannot write export {path} ({exc.strerror or exc}); pass a writable --out") from exc
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

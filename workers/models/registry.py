@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from schemas.errors import SpecError
+from schemas.job import TILE_MULTIPLE
 
 __all__ = [
     "TILE_MULTIPLE",
@@ -31,9 +32,6 @@ __all__ = [
     "scale_channels",
     "check_tile",
 ]
-
-TILE_MULTIPLE = 32
-"""Tile height and width must be multiples of this: the coarsest feature map is 1/32 of a tile."""
 
 MIN_CHANNELS = 4
 """No layer is narrowed below this many channels by a width multiplier."""

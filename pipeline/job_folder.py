@@ -1,11 +1,19 @@
-"""Scene state under a job's output folder, so `satseg status OUT` answers without a cluster.
+"""What a job's output folder records: the job (``job.json``) and each scene's state.
+
+The job record names the job whose results the folder holds; a run of
+another job is refused there (``claim_output``), and every reader of
+``job.json`` goes through ``read_job_record``.
 
 Each scene has ``OUT/state/<scene>/status.json``: pending, running, done or
 failed (with a one-line reason), chunks done out of chunks total, and what
 identifies the work (image path, model key), which the scheduler uses to tell
-scenes already done with the same model. Files are replaced atomically, so a
-reader never sees half a file. While a scene runs, its chunk markers give the
-live count of chunks done.
+scenes already done with the same model. While a scene runs, its chunk markers
+give the live count of chunks done.
+
+There is one notion of done: the scene's mask store is marked complete, its
+last write (``scene_complete``; ARCHITECTURE.md, invariant 6). A status file
+is what ``satseg status`` shows; a scene reads as done exactly when its store
+is complete, whatever its status file says.
 """
 
 from __future__ import annotations
@@ -14,12 +22,14 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from schemas.store import OutputLayout
+from pipeline import __version__
+from schemas.errors import OutputConflictError
+from schemas.store import OutputLayout, write_json
+from workers.mask_store import is_complete
 
 __all__ = [
     "PENDING",
@@ -31,9 +41,11 @@ __all__ = [
     "write_scene_state",
     "read_scene_state",
     "job_states",
-    "one_line",
     "chunks_marked",
     "start_scene_states",
+    "scene_complete",
+    "read_job_record",
+    "claim_output",
 ]
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
@@ -46,27 +58,6 @@ def model_key(checkpoint_sha256: str | None, model: str | None, options: dict | 
         return f"sha256:{checkpoint_sha256}"
     blob = json.dumps({"options": options or {}, "seed": seed}, sort_keys=True).encode()
     return f"model:{model}:{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
-def one_line(err: BaseException) -> str:
-    """An error as one line: a user error's message, else the innermost cause's type and first line.
-
-    Ray wraps a task's exception in a ``RayTaskError`` whose text is a traceback;
-    the original exception is its ``cause``.
-    """
-    from schemas.errors import SatsegError
-
-    if isinstance(err, (KeyboardInterrupt, SystemExit)):
-        return "interrupted; rerun the same job to resume"
-    for _ in range(5):
-        if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
-            return (str(err).strip().splitlines() or [type(err).__name__])[0]
-        inner = getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    text = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def chunks_marked(layout: OutputLayout, scene: str) -> int:
@@ -121,35 +112,25 @@ class SceneState:
         return False
 
 
-def _status_file(layout: OutputLayout, scene: str) -> Path:
-    return layout.state / scene / "status.json"
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Replace a JSON file atomically (temp file in the same folder, then rename): never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_scene_state(layout: OutputLayout, state: SceneState) -> None:
     """Replace the scene's status file atomically."""
-    write_json(_status_file(layout, state.scene), asdict(state))
+    write_json(layout.status_file(state.scene), asdict(state))
 
 
 def read_scene_state(layout: OutputLayout, scene: str) -> SceneState | None:
-    """The scene's last written state, with the live chunk count while it runs; None if none was written."""
+    """The scene's last written state, done exactly when its store is complete, with the live chunk count while it runs.
+
+    None if no state was written.
+    """
     try:
-        data = json.loads(_status_file(layout, scene).read_text())
+        data = json.loads(layout.status_file(scene).read_text())
         state = SceneState(**data)
     except (OSError, ValueError, TypeError):
         return None
+    if scene_complete(layout, scene):
+        return replace(state, status=DONE, chunks_done=state.chunks_total, reason=None)
+    if state.status == DONE:  # its mask was removed or replaced since: not done any more
+        return replace(state, status=PENDING, chunks_done=chunks_marked(layout, scene))
     if state.status == RUNNING:
         state = replace(state, chunks_done=chunks_marked(layout, scene))
     return state
@@ -173,9 +154,40 @@ def start_scene_states(
     """
     states = {}
     for name, image, total in scenes:
-        done = layout.scene_done(name).exists() and layout.report_file("scenes", job_id, name).exists()
+        done = scene_complete(layout, name)
         base = SceneState(name, PENDING, os.path.abspath(image), job_id, key, chunks_marked(layout, name), total)
         state = base.moved(DONE, chunks_done=total) if done else base.moved(PENDING)
         write_scene_state(layout, state)
         states[name] = state
     return states
+
+
+def scene_complete(layout: OutputLayout, scene: str) -> bool:
+    """Whether ``scene`` is done in this job folder: its mask store is complete (written after its reports)."""
+    return is_complete(layout.mask_store(scene))
+
+
+def read_job_record(root: str | Path) -> dict | None:
+    """The job record of a job's output folder (``job_id``, ``satseg_version``, ``spec``), or None if none is readable."""
+    try:
+        record = json.loads(OutputLayout(Path(root)).job_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def claim_output(layout: OutputLayout, job_id: str, spec: dict) -> None:
+    """Record job ``job_id`` in its output folder, or refuse a folder holding another job's results."""
+    if layout.job_file.exists():
+        other = (read_job_record(layout.root) or {}).get("job_id")
+        if other != job_id:
+            raise OutputConflictError(
+                f"{layout.root}: holds results of another job ({other or 'unknown'}); choose another --out or remove that folder"
+            )
+        return
+    leftovers = [p for p in (layout.masks, layout.reports, layout.state) if p.exists()]
+    if leftovers:
+        raise OutputConflictError(
+            f"{layout.root}: holds satseg outputs ({leftovers[0].name}/) but no job.json; choose another --out or remove them"
+        )
+    write_json(layout.job_file, {"job_id": job_id, "satseg_version": __version__, "spec": spec})
