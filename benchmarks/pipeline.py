@@ -177,13 +177,12 @@ def feed_rates(image: Path, labels: Path, size: int, tile: int, overlap: int, ch
         t0 = time.perf_counter()
         data = read_image_window(str(image), task.read, bands, [0.0] * len(bands), [1.0] * len(bands))
         t1 = time.perf_counter()
-        model_before = predictor.model_seconds
-        mask = predictor.predict_chunk(data, task, plan, "hann", "feed")
+        result = predictor.predict_chunk(data, task, plan, "hann", "feed")
         t2 = time.perf_counter()
-        write_mask_chunk(store, task.chunk, mask)
+        write_mask_chunk(store, task.chunk, result.mask)
         t3 = time.perf_counter()
         seconds["read"] += t1 - t0
-        seconds["tile + stitch"] += (t2 - t1) - (predictor.model_seconds - model_before)
+        seconds["tile + stitch"] += (t2 - t1) - result.work["model_seconds"]
         seconds["write"] += t3 - t2
     spec = CountSpec(len(DEMO_CLASSES))
     pred, lab = mask_raster(store), geotiff_raster(labels, (size, size), chunk)

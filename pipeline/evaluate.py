@@ -133,6 +133,8 @@ def evaluate_mask(
     t0 = time.perf_counter()
     if not pred.exists():
         raise InputFileError(f"{pred}: prediction not found; give a mask (.zarr store or array, or a GeoTIFF)")
+    if out is not None:
+        OutputLayout(Path(out)).check_folder()  # before any work
     label_raster = _open_raster(labels, "label", chunk)
     pred_raster = _open_raster(pred, "prediction", chunk)
     _check_same_grid(pred_raster, label_raster)

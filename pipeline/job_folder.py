@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from schemas.errors import OutputConflictError
-from schemas.store import OutputLayout, write_json
+from schemas.store import OutputLayout, create_whole, write_json
 from workers.mask_store import is_complete
 
 __all__ = [
@@ -177,17 +177,21 @@ def read_job_record(root: str | Path) -> dict | None:
 
 
 def claim_output(layout: OutputLayout, job_id: str, spec: dict) -> None:
-    """Record job ``job_id`` in its output folder, or refuse a folder holding another job's results."""
-    if layout.job_file.exists():
-        other = (read_job_record(layout.root) or {}).get("job_id")
-        if other != job_id:
+    """Record job ``job_id`` in its output folder, or refuse a folder holding another job's results.
+
+    Atomic (``create_whole``): of two jobs claiming one folder at the same moment, exactly one proceeds.
+    """
+    layout.check_folder()
+    if not layout.job_file.exists():
+        leftovers = [p for p in (layout.masks, layout.reports, layout.state) if p.exists()]
+        if leftovers:
             raise OutputConflictError(
-                f"{layout.root}: holds results of another job ({other or 'unknown'}); choose another --out or remove that folder"
+                f"{layout.root}: holds satseg outputs ({leftovers[0].name}/) but no job.json; choose another --out or remove them"
             )
-        return
-    leftovers = [p for p in (layout.masks, layout.reports, layout.state) if p.exists()]
-    if leftovers:
+        record = {"job_id": job_id, "satseg_version": __version__, "spec": spec}
+        create_whole(layout.job_file, json.dumps(record, indent=2))  # False: another job came first; compared below
+    other = (read_job_record(layout.root) or {}).get("job_id")
+    if other != job_id:
         raise OutputConflictError(
-            f"{layout.root}: holds satseg outputs ({leftovers[0].name}/) but no job.json; choose another --out or remove them"
+            f"{layout.root}: holds results of another job ({other or 'unknown'}); choose another --out or remove that folder"
         )
-    write_json(layout.job_file, {"job_id": job_id, "satseg_version": __version__, "spec": spec})

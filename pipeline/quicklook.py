@@ -97,9 +97,9 @@ def read_image_rgb(path: str | Path, out_shape: tuple[int, int], window: Window 
         bands = rgb_bands(src.descriptions, src.count)
         rw = _rio_window(window)
         data = src.read(bands, window=rw, out_shape=(len(bands), *out_shape))
-        valid = np.all(src.read_masks(bands, window=rw, out_shape=(len(bands), *out_shape)) > 0, axis=0)
-    valid &= np.all(np.isfinite(data), axis=0)
-    return stretch(data, valid), valid
+        valid = src.dataset_mask(window=rw, out_shape=out_shape) > 0  # GDAL's, as the job reads it
+    shown = valid & np.all(np.isfinite(data), axis=0)  # a NaN band value has no colour
+    return stretch(data, shown), valid
 
 
 def label_lookup(label_values: list[int] | None, num_classes: int) -> np.ndarray:

@@ -35,6 +35,7 @@ from pipeline.job_folder import (
 )
 from schemas.errors import CheckpointError, ScenesFailedError, SpecError, first_line, one_line, user_error
 from schemas.job import JobSpec, SceneSpec, resolve_device
+from schemas.specfile import excerpt
 from schemas.store import OutputLayout
 from workers.predictor import TILE_CACHE_BYTES, ModelSource
 from workers.reader import SceneInfo, check_bands, check_labels_match, open_scene
@@ -69,6 +70,7 @@ class SceneResult:
     chunks_resumed: int
     resumed_whole: bool = False
     scores: SceneScores | None = None
+    nodata_collisions: int = 0  # input pixels holding data where a band equals its nodata value
 
 
 @dataclass
@@ -122,7 +124,7 @@ def _check_model_options(name: str, num_classes: int, options: dict) -> None:
         with torch.device("meta"):
             create_model(name, 3, num_classes, **options)
     except (TypeError, ValueError) as err:
-        raise SpecError(f"model_options {options}: {first_line(err)}; fix the model options") from None
+        raise SpecError(f"model_options {excerpt(options)}: {excerpt(first_line(err))}; fix the model options") from None
 
 
 def _scene_bands(model: ResolvedModel, info: SceneInfo) -> list[int]:
@@ -276,6 +278,10 @@ class _ChunkCounting:
         self._written.add((r, c))
         self._submit_ready(r, c)
 
+    def pending(self) -> list:
+        """The counting tasks submitted so far (to settle when the scene fails)."""
+        return list(self._refs.values())
+
     def result(self):
         """Every chunk's counts (all chunks must be written), reduced by Dask."""
         import ray
@@ -333,7 +339,10 @@ def _open_store(job: _RunningJob, scene: _Scene, plan: ScenePlan) -> tuple[Path,
 
 
 def _predict_chunks(job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Path, written: set, counting: "_ChunkCounting") -> dict:
-    """Read, predict, stitch and write every chunk not yet written, with bounded windows in flight; the actors' work."""
+    """Read, predict, stitch and write every chunk not yet written, with bounded windows in flight.
+
+    Returns the work of the chunks written now (each chunk's own, so actor restarts neither lose nor repeat any).
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -355,35 +364,54 @@ def _predict_chunks(job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Pat
     reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
     markers, image = str(job.layout.chunk_markers(scene.name)), str(scene.spec.image)
     bar = job.progress.add_task(f"{scene.name} chunks", total=len(plan.grid), completed=len(written))
-    before = ray.get([a.stats.remote() for a, _ in actors])
+    spent = dict.fromkeys(("tiles_predicted", "tiles_reused", "model_seconds", "chunk_seconds", "nodata_collisions"), 0)
     in_flight: dict = {}
     busy = [0] * len(actors)
-    while in_flight or any(queues):
-        for k, (actor, _) in enumerate(actors):
-            while queues[k] and busy[k] < per_actor and len(in_flight) < limit:
-                task = queues[k].popleft()
-                data = reads[k].remote(image, task.read, scene.bands, mean, std)
-                mask = actor.predict_chunk.remote(data, task, plan, spec.window, image, spec.save_probabilities)
-                in_flight[write_chunk_task.remote(str(store), task.chunk, mask, markers, task.key)] = (task, k)
-                busy[k] += 1
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
+    try:
+        while in_flight or any(queues):
+            for k, (actor, _) in enumerate(actors):
+                while queues[k] and busy[k] < per_actor and len(in_flight) < limit:
+                    task = queues[k].popleft()
+                    data = reads[k].remote(image, task.read, scene.bands, mean, std, task.chunk)
+                    mask = actor.predict_chunk.remote(data, task, plan, spec.window, image, spec.save_probabilities)
+                    in_flight[write_chunk_task.remote(str(store), task.chunk, mask, markers, task.key)] = (task, k)
+                    busy[k] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                work = ray.get(ref)
+                for key in spent:
+                    spent[key] += work[key]
+                task, k = in_flight.pop(ref)
+                busy[k] -= 1
+                counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
+                job.progress.advance(bar)
+    except Exception:
+        _settle(list(in_flight) + counting.pending())  # no task left writing, and no error left unread for Ray to print
+        raise
+    return spent
+
+
+def _settle(refs: list) -> None:
+    """Wait for ``refs`` and read each, dropping their errors: a scene that already failed says so once."""
+    import ray
+
+    for ref in refs:
+        try:
             ray.get(ref)
-            task, k = in_flight.pop(ref)
-            busy[k] -= 1
-            counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
-            job.progress.advance(bar)
-    after = ray.get([a.stats.remote() for a, _ in actors])
-    return {key: sum(a[key] - b[key] for a, b in zip(after, before)) for key in after[0]}
+        except Exception:  # noqa: BLE001  (the scene's first error is the one reported)
+            pass
 
 
 def _scene_row(
     job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Path, counts, boundary_width: int, spent: dict,
-    resumed: int, seconds: float, predict_seconds: float,
+    resumed: set, seconds: float, predict_seconds: float,
 ) -> dict:
-    """The scene's row of the scenes table: provenance, sizes, settings, work done and timings."""
+    """The scene's row of the scenes table: provenance, sizes, settings, work done and timings.
+
+    Work and throughput count only what this run computed: chunks resumed from an earlier run are counted apart.
+    """
     spec, model, info = job.spec, job.model, scene.info
-    mpx = info.height * info.width / 1e6
+    mpx = sum(plan.grid.window(r, c).height * plan.grid.window(r, c).width for r, c in plan.grid if (r, c) not in resumed) / 1e6
     return {
         "scene": scene.name,
         "image": str(scene.spec.image),
@@ -412,13 +440,14 @@ def _scene_row(
         "tiles_lattice": len(plan.lattice),
         "tiles_computed": spent["tiles_predicted"],
         "tiles_reused": spent["tiles_reused"],
-        "chunks_resumed": resumed,
+        "nodata_collisions": spent["nodata_collisions"],
+        "chunks_resumed": len(resumed),
         "seconds": seconds,
         "predict_seconds": predict_seconds,
         "model_seconds": spent["model_seconds"],
         "actor_busy_seconds": spent["chunk_seconds"],
         "evaluate_seconds": seconds - predict_seconds,
-        "megapixels_per_second": mpx / predict_seconds if predict_seconds > 0 else None,
+        "megapixels_per_second": mpx / predict_seconds if predict_seconds > 0 and mpx > 0 else None,
         "satseg_version": __version__,
         "finished_at": datetime.now(timezone.utc),
     }
@@ -448,12 +477,13 @@ def _run_scene(job: _RunningJob, scene: _Scene) -> SceneResult:
         scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
     job.progress.advance(ev)
     seconds = time.perf_counter() - t0
-    row = _scene_row(job, scene, plan, store, counts, counting.spec.boundary_width, spent, len(written), seconds, predict_seconds)
+    row = _scene_row(job, scene, plan, store, counts, counting.spec.boundary_width, spent, written, seconds, predict_seconds)
     write_scene_reports(job.layout, job.job_id, plan.grid, scene.info, job.model.class_names, scores, counts, row)
     mark_complete(store)  # the last write: the scene is done (ARCHITECTURE.md, invariant 6)
     return SceneResult(
         scene.name, scene.info, store, scores.metrics if scores is not None else None, seconds, predict_seconds,
         row["megapixels_per_second"] or 0.0, len(plan.grid), len(written), scores=scores,
+        nodata_collisions=row["nodata_collisions"],
     )
 
 
@@ -468,6 +498,7 @@ def _finished_scene(layout: OutputLayout, job_id: str, name: str, info: SceneInf
     return SceneResult(
         name, info, layout.mask_store(name), scores.metrics if scores else None, row["seconds"], row["predict_seconds"],
         row["megapixels_per_second"] or 0.0, 0, 0, resumed_whole=True, scores=scores,
+        nodata_collisions=row.get("nodata_collisions") or 0,
     )
 
 

@@ -7,6 +7,8 @@ exits with status 2.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "SatsegError",
     "InputFileError",
@@ -17,6 +19,7 @@ __all__ = [
     "ClusterError",
     "JobNotFoundError",
     "ScenesFailedError",
+    "MachineError",
     "user_error",
     "first_line",
     "one_line",
@@ -59,12 +62,46 @@ class ScenesFailedError(SatsegError, RuntimeError):
     """Raised at the end of a job when several of its scenes failed (each is marked failed in its state)."""
 
 
+class MachineError(SatsegError, OSError):
+    """Raised when the machine refuses: a full disk, a read-only file system, no permission, no model actor left."""
+
+
+_MACHINE_FIXES = {
+    errno.ENOSPC: "free some space on the output's disk, then rerun the same command to resume",
+    errno.EDQUOT: "free some space or raise the disk quota, then rerun the same command to resume",
+    errno.EROFS: "the file system is read-only; choose a writable --out",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+}
+
+
+def _machine_error(err: BaseException) -> MachineError | None:
+    """A failure of the machine as one user-facing line, or None when ``err`` is not one."""
+    if isinstance(err, OSError) and err.errno in _MACHINE_FIXES:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        return MachineError(f"{where}{err.strerror or first_line(err)}; {_MACHINE_FIXES[err.errno]}")
+    if any(c.__name__ == "RayActorError" for c in type(err).__mro__):  # ActorDiedError and kin, from Ray
+        return MachineError(
+            f"a model actor died and exhausted its restarts ({first_line(err)[:200]}); rerun the same command to resume, "
+            "and if it dies again give it more memory (smaller batch_size, fewer num_actors)"
+        )
+    return None
+
+
 def user_error(err: BaseException | None) -> SatsegError | None:
-    """The user error behind ``err`` (also when Ray wrapped it in a task error), or None for any other failure."""
+    """The user error behind ``err`` (also when Ray wrapped it in a task error), or None for any other failure.
+
+    A failure of the machine (disk full, read-only, permissions, a model actor dead beyond its restarts) counts:
+    the user can fix it, and it deserves one line, not a traceback.
+    """
     seen = 0
     while err is not None and seen < 5:
         if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
             return err
+        machine = _machine_error(err)
+        if machine is not None:
+            return machine
         err = getattr(err, "cause", None) or err.__cause__
         seen += 1
     return None
@@ -85,9 +122,10 @@ def one_line(err: BaseException) -> str:
     """
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         return "interrupted; rerun the same job to resume"
+    user = user_error(err)
+    if user is not None:
+        return first_line(user)
     for _ in range(5):
-        if isinstance(err, SatsegError) and not type(err).__name__.startswith("RayTaskError"):
-            return first_line(err)
         inner = getattr(err, "cause", None) or err.__cause__
         if not isinstance(inner, BaseException):
             break

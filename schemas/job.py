@@ -6,7 +6,10 @@ file, the field and the fix.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -14,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import SpecError
 from schemas.store import MASK_NODATA
-from schemas.specfile import check_safe_name, describe, read_mapping, resolve_path
+from schemas.specfile import check_path_length, check_safe_name, describe, excerpt, quoted, read_mapping, resolve_path
 
-__all__ = ["TILE_MULTIPLE", "DEVICES", "check_device", "resolve_device", "SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
+__all__ = ["TILE_MULTIPLE", "DEVICES", "MAX_MODEL_OPTIONS", "check_model_options", "check_device", "resolve_device", "SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
 
 TILE_MULTIPLE = 32
 """Tile (and training crop) height and width are multiples of this: the models' coarsest feature map is 1/32."""
@@ -41,6 +44,59 @@ def resolve_device(requested: str, gpus: int) -> str:
     return "cuda" if requested == "cuda" or (requested == "auto" and gpus >= 1) else "cpu"
 
 
+MAX_MODEL_OPTIONS = 16
+"""Most entries in a job's ``model_options``; a model's keyword options are few (``width_multiplier``, ``output_stride``)."""
+
+_OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_OPTION_STRING = 100  # longest string option value
+_OPTION_LIST = 16  # longest list option value
+_OPTIONS_JSON = 512  # most characters of all the options as JSON (they are quoted in messages and job ids)
+
+
+def _option_scalar(name: str, value: object) -> object:
+    if value is None or isinstance(value, (bool, str, int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"option {name} must be a finite number (got {value})")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 53:
+            raise ValueError(f"option {name} is too large a number (got {excerpt(value, 24)})")
+        if isinstance(value, str) and len(value) > _OPTION_STRING:
+            raise ValueError(
+                f"option {name} is a string of {len(value)} characters, at most {_OPTION_STRING} allowed "
+                f"({quoted(value, 40)})"
+            )
+        return value
+    raise ValueError(
+        f"option {name} must be a number, a string, true/false or a short list of those (got a {type(value).__name__}: "
+        f"{excerpt(value, 40)})"
+    )
+
+
+def check_model_options(options: object) -> dict:
+    """A model's keyword options: at most 16 names, each a number, string, bool, null or a list of up to 16 of those.
+
+    ``create_model`` takes them as keyword arguments, so names are identifiers; values are JSON scalars, so they fit
+    the job id; the whole stays short (512 characters as JSON), so a message may quote it.
+    """
+    if not isinstance(options, dict):
+        raise ValueError(f"must be a mapping of option names to values (got a {type(options).__name__})")
+    if len(options) > MAX_MODEL_OPTIONS:
+        raise ValueError(f"at most {MAX_MODEL_OPTIONS} options (got {len(options)}); see `satseg models` for what a model takes")
+    for name, value in options.items():
+        if not isinstance(name, str) or not _OPTION_NAME.match(name):
+            raise ValueError(f"option name {quoted(name, 40)} is not a keyword name (letters, digits and '_', at most 64)")
+        if isinstance(value, (list, tuple)):
+            if len(value) > _OPTION_LIST:
+                raise ValueError(f"option {name} is a list of {len(value)} values, at most {_OPTION_LIST} allowed")
+            for item in value:
+                _option_scalar(name, item)
+        else:
+            _option_scalar(name, value)
+    size = len(json.dumps(options))
+    if size > _OPTIONS_JSON:
+        raise ValueError(f"the options take {size} characters as JSON, at most {_OPTIONS_JSON}; drop some")
+    return options
+
+
 class SceneSpec(BaseModel):
     """One scene: an image, optionally its label raster, and a name for its outputs."""
 
@@ -54,6 +110,11 @@ class SceneSpec(BaseModel):
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
         return v if v is None else check_safe_name(v)
+
+    @field_validator("image", "labels")
+    @classmethod
+    def _path_length(cls, v: Path | None) -> Path | None:
+        return check_path_length(v)
 
     @property
     def scene_name(self) -> str:
@@ -138,6 +199,16 @@ class JobSpec(ScoringSpec):
     seed: int = 0
     save_probabilities: bool = False  # per-class probabilities (uint8) beside the mask: PR curves and AP
 
+    @field_validator("checkpoint", "out")
+    @classmethod
+    def _path_length(cls, v: Path | None) -> Path | None:
+        return check_path_length(v)
+
+    @field_validator("model_options", mode="before")
+    @classmethod
+    def _options(cls, v: object) -> dict:
+        return check_model_options(v)
+
     @field_validator("tile_size")
     @classmethod
     def _tile(cls, v: int) -> int:
@@ -164,10 +235,11 @@ class JobSpec(ScoringSpec):
             raise ValueError(f"at most {MASK_NODATA} classes fit a uint8 mask with nodata {MASK_NODATA} (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
             raise ValueError("a model without a checkpoint needs `classes` (the class names)")
-        names = [s.scene_name for s in self.scenes]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        counts = Counter(s.scene_name for s in self.scenes)
+        dup = sorted(n for n, c in counts.items() if c > 1)
         if dup:
-            raise ValueError(f"scene names must be unique; give `name` to scenes {', '.join(dup)}")
+            more = f" and {len(dup) - 5} more" if len(dup) > 5 else ""
+            raise ValueError(f"scene names must be unique; give `name` to scenes {', '.join(dup[:5])}{more}")
         return self
 
     @property

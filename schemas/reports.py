@@ -17,7 +17,7 @@ import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "TILES", "CLASSES", "SCENES", "CURVES", "AGGREGATES", "TABLE_SCHEMAS"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: scenes.nodata_collisions
 
 _f64 = pa.float64()
 _i64 = pa.int64()
@@ -113,6 +113,7 @@ SCENES = pa.schema(
         ("tiles_lattice", _i64),
         ("tiles_computed", _i64),
         ("tiles_reused", _i64),
+        ("nodata_collisions", _i64),  # input pixels holding data where a band equals its nodata value
         ("chunks_resumed", _i64),
         ("seconds", _f64),
         ("predict_seconds", _f64),

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from schemas.errors import SpecError
 from schemas.job import JobSpec, job_from_dict
-from schemas.specfile import check_safe_name, describe, read_mapping, resolve_path
+from schemas.specfile import check_path_length, check_safe_name, describe, excerpt, read_mapping, resolve_path
 
 __all__ = ["SceneSource", "ScheduleSpec", "load_schedule", "schedule_from_dict"]
 
@@ -32,6 +32,11 @@ class SceneSource(BaseModel):
     manifest: Path | None = None
     labels: str | None = None  # e.g. "/data/labels/{stem}.tif"; used when that file exists
 
+    @field_validator("glob", "manifest", "labels")
+    @classmethod
+    def _path_length(cls, v: str | Path | None) -> str | Path | None:
+        return check_path_length(v)
+
     @model_validator(mode="after")
     def _one_source(self) -> "SceneSource":
         if (self.glob is None) == (self.manifest is None):
@@ -40,7 +45,10 @@ class SceneSource(BaseModel):
             try:
                 self.labels.format(stem="s", name="s.tif", parent="/p")
             except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"labels template {self.labels!r}: {err}; use only {{stem}}, {{name}} and {{parent}}") from None
+                raise ValueError(
+                    f"labels template {excerpt(self.labels, 60)!r}: {excerpt(str(err), 40)}; "
+                    "use only {stem}, {name} and {parent}"
+                ) from None
         return self
 
 
@@ -68,19 +76,27 @@ class ScheduleSpec(BaseModel):
     def _cron(cls, v: str) -> str:
         from croniter import croniter
 
-        if not croniter.is_valid(v):
+        if len(v) > 200 or not croniter.is_valid(v):
             raise ValueError(
-                f"{v!r} is not a valid cron expression (minute hour day-of-month month day-of-week, e.g. '0 2 * * *')"
+                f"{excerpt(v, 40)!r} is not a valid cron expression "
+                "(minute hour day-of-month month day-of-week, e.g. '0 2 * * *')"
             )
         return v
+
+    @field_validator("out")
+    @classmethod
+    def _out_length(cls, v: Path) -> Path:
+        return check_path_length(v)
 
     @field_validator("timezone")
     @classmethod
     def _zone(cls, v: str) -> str:
         try:
+            if len(v) > 100:
+                raise ValueError(v)
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r}; use an IANA name such as UTC or Europe/Berlin") from None
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(f"unknown time zone {excerpt(v, 40)!r}; use an IANA name such as UTC or Europe/Berlin") from None
         return v
 
     @field_validator("job")

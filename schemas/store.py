@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["MASK_NODATA", "OutputLayout", "ScheduleLayout", "REPORT_TABLES", "is_zarr_node", "replacing", "write_json"]
+from schemas.errors import OutputConflictError
+
+__all__ = ["MASK_NODATA", "OutputLayout", "ScheduleLayout", "REPORT_TABLES", "is_zarr_node", "replacing", "write_json", "create_whole"]
 
 MASK_NODATA = 255
 """The class masks' nodata value (uint8): no class, never counted. So a job has at most 255 classes."""
@@ -33,6 +35,14 @@ class OutputLayout:
     """``OUT/job.json``, ``OUT/masks/<scene>.zarr``, ``OUT/reports/<table>/job_id=<id>/``, ``OUT/state/``."""
 
     root: Path
+
+    def check_folder(self) -> None:
+        """Refuse an output folder that is a file (or lies below one), in one line, before anything is written."""
+        for path in (self.root, *self.root.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise OutputConflictError(f"{path}: is a file, not a folder; give --out a folder (new or a job's)")
+                return
 
     @property
     def job_file(self) -> Path:
@@ -130,3 +140,23 @@ def write_json(path: Path, data: dict) -> None:
     """Replace a JSON file atomically: never half-written."""
     with replacing(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+def create_whole(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text``, whole, unless it exists: False then. Atomic: of two callers, one creates it.
+
+    The text goes to a temporary file first, which is hard-linked to ``path`` (a link fails on an existing name).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -247,3 +247,35 @@ def test_run_and_evaluate_match_grids_by_one_rule(tmp_path, transform, crs, matc
         except MismatchError:
             decisions.append(False)
     assert decisions == [match, match]
+
+
+def _corrupt_tif(path: Path) -> Path:
+    """A tiled, compressed GeoTIFF whose tile data is overwritten: its header opens, its pixels do not decode."""
+    with rasterio.open(
+        path, "w", driver="GTiff", height=64, width=64, count=4, dtype="uint16", tiled=True, blockxsize=16,
+        blockysize=16, compress="deflate", crs="EPSG:32633", transform=from_origin(500000, 4600000, 10, 10),
+    ) as dst:
+        dst.write(np.random.default_rng(0).integers(0, 4000, (4, 64, 64), dtype=np.uint16))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) - 200] = b"\x55" * (len(data) - 200 - len(data) // 3)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_corrupt_complex_or_ungeoreferenced_image(capsys, tmp_path, ray_local, recwarn):
+    """A corrupt file names GDAL's cause, a complex one is refused, a plain JPEG named .tif runs quietly."""
+    run = ("--model", "pixel_linear", "--classes", "a,b", "--tile-size", "32", "--overlap", "0", "--quiet")
+    corrupt = _corrupt_tif(tmp_path / "corrupt.tif")
+    code, _, err = run_cli(capsys, "run", "--image", str(corrupt), "--out", str(tmp_path / "o1"), *run)
+    assert_one_line_error(code, err, "corrupt.tif", "read failed", "IReadBlock")
+    complex_tif = write_tif(tmp_path / "complex.tif", np.ones((2, 16, 16), np.complex64))
+    code, _, err = run_cli(capsys, "run", "--image", str(complex_tif), "--out", str(tmp_path / "o2"), *run)
+    assert_one_line_error(code, err, "complex.tif", "complex values", "amplitude")
+    assert not (tmp_path / "o2").exists()
+    jpeg = tmp_path / "photo.tif"
+    with rasterio.open(jpeg, "w", driver="JPEG", height=40, width=48, count=3, dtype="uint8") as dst:
+        dst.write(np.random.default_rng(1).integers(0, 255, (3, 40, 48), dtype=np.uint8))
+    recwarn.clear()
+    code, _, err = run_cli(capsys, "run", "--image", str(jpeg), "--out", str(tmp_path / "o3"), *run)
+    assert code == 0, err
+    assert "Warning" not in err and not [w for w in recwarn if "georeferenc" in str(w.message).lower()]

@@ -54,3 +54,53 @@ def test_killed_actor_is_restarted_and_mask_is_unchanged(ray_local, odd_scene, t
     assert "error" not in outcome, outcome.get("error")
     assert np.array_equal(stored_mask(outcome["result"]), reference)
     assert zarr.open_array(str(outcome["result"].layout.mask_store("odd")), path="mask").attrs["satseg_complete"] is True
+    # Work travels with each chunk: a restarted actor neither loses the work done before nor counts any twice.
+    # Every tile a chunk needs is either predicted or taken from the cache, whatever the cache held.
+    ref_row, row = (_scene_row(tmp_path / name) for name in ("ref", "faulty"))
+    assert row["tiles_computed"] + row["tiles_reused"] == ref_row["tiles_computed"] + ref_row["tiles_reused"]
+
+
+def _scene_row(out) -> dict:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out / "reports" / "scenes").to_pylist()[0]
+
+
+def test_an_actor_dead_beyond_its_restarts_is_one_line_and_a_rerun_recomputes_only_the_rest(ray_local, odd_scene, tmp_path):
+    from pipeline.job_folder import chunks_marked, read_scene_state
+    from schemas.errors import MachineError, one_line, user_error
+    from schemas.store import OutputLayout
+
+    reference = stored_mask(run_job(job(odd_scene, tmp_path / "ref", chunk_size=64), show_progress=False))
+    spec = job(odd_scene, tmp_path / "dying", chunk_size=64, max_windows_in_flight=1)
+    layout = OutputLayout(tmp_path / "dying")
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = run_job(spec, show_progress=False)
+        except Exception as err:  # noqa: BLE001
+            outcome["error"] = err
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    killed: set[int] = set()
+    deadline = time.time() + 240
+    while time.time() < deadline and worker.is_alive():
+        if chunks_marked(layout, "odd") >= 2:
+            for pid in set(_actor_pids()) - killed:  # each restart is a new process: kill it too
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.05)
+    worker.join(timeout=60)
+    assert len(killed) >= 3, killed  # the first actor and its two restarts
+    err = outcome.get("error")
+    assert isinstance(user_error(err), MachineError), err
+    assert "exhausted its restarts" in one_line(err) and "\n" not in one_line(err)
+    state = read_scene_state(layout, "odd")
+    assert state.status == "failed" and "exhausted its restarts" in state.reason
+    done_before = chunks_marked(layout, "odd")
+    again = run_job(spec, show_progress=False)
+    assert np.array_equal(stored_mask(again), reference)
+    assert again.scenes[0].chunks_resumed == done_before  # only the missing chunks are computed
+    assert _scene_row(tmp_path / "dying")["chunks_resumed"] == done_before

@@ -144,3 +144,34 @@ def test_operations_commands_have_help(argv, capsys):
         main([*argv, "--help"])
     assert exc.value.code == 0
     assert "usage: satseg " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_of_two_jobs_claiming_one_folder_at_once_exactly_one_proceeds(tmp_path):
+    import threading
+
+    from pipeline.job_folder import claim_output, read_job_record
+    from schemas.errors import OutputConflictError
+    from schemas.store import OutputLayout
+
+    for attempt in range(30):
+        layout = OutputLayout(tmp_path / f"out{attempt}")
+        start = threading.Barrier(2)
+        outcome: dict[str, str] = {}
+
+        def claim(job_id: str) -> None:
+            start.wait()
+            try:
+                claim_output(layout, job_id, {"attempt": attempt})
+                outcome[job_id] = "proceeds"
+            except OutputConflictError:
+                outcome[job_id] = "refused"
+
+        threads = [threading.Thread(target=claim, args=(j,)) for j in ("aaaa", "bbbb")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [j for j, o in outcome.items() if o == "proceeds"]
+        assert len(winners) == 1, outcome
+        assert read_job_record(layout.root)["job_id"] == winners[0]
+        assert [p.name for p in layout.root.iterdir()] == ["job.json"]  # no temporary file left behind

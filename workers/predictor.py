@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.core.geometry import Window
-from pipeline.core.plan import ChunkTask, ScenePlan
+from pipeline.core.plan import ChunkResult, ChunkTask, ScenePlan
 from pipeline.core.metrics import MASK_NODATA
 from pipeline.core.stitch import class_argmax, quantise_probabilities, stitch_chunk, window_weights
 from schemas.errors import one_line
@@ -374,12 +374,14 @@ class TilePredictor:
 
     def predict_chunk(
         self, data: WindowData, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str = "", probabilities: bool = False
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """The chunk's class map (uint8, 255 where the input has no data).
+    ) -> ChunkResult:
+        """The chunk's class map (uint8, 255 where the input has no data), and the work it took.
 
         With ``probabilities`` also the class probabilities (C, h, w) quantised
         to uint8 (q = round(255 p); 0 where the input has no data). Everything
         between the pixels' upload and these uint8 arrays runs on the device.
+        The work travels with the chunk, so the job's totals count every chunk
+        delivered exactly once, whatever actor restarts or resumes came between.
         """
         with torch.inference_mode():
             self._choose_batch_size(data.pixels.shape[0], plan.lattice.tile)
@@ -388,11 +390,14 @@ class TilePredictor:
             x, valid = self._upload(data, host_valid)
             uploading = time.perf_counter() - started
             with self._lock:  # one chunk at a time on the model; the next one's upload overlaps it
+                before = self.stats()
                 started = time.perf_counter()
                 out = self._stitch(x, valid, host_valid, data.window, task, plan, window, scene_key, probabilities)
                 out = tuple(o.cpu().numpy() for o in out)
                 self.chunk_seconds += uploading + time.perf_counter() - started  # busy, not waiting for the lock
-        return out if probabilities else out[0]
+                work = {k: v - before[k] for k, v in self.stats().items()}
+        work["nodata_collisions"] = data.nodata_collisions  # read inside this chunk only
+        return ChunkResult(out[0], out[1] if probabilities else None, work)
 
     def _stitch(
         self, x, valid, host_valid: np.ndarray, read: Window, task: ChunkTask, plan: ScenePlan, window: str, scene_key: str,

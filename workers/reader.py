@@ -8,6 +8,9 @@ the same padded scene.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,12 +18,14 @@ from typing import Sequence
 import numpy as np
 import rasterio
 from rasterio.enums import MaskFlags
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window as RioWindow
 from rasterio.crs import CRS
 
 from pipeline.core.geometry import Window, reflect_index
-from schemas.errors import InputFileError, MismatchError
+from schemas.errors import InputFileError, MismatchError, first_line
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window", "check_bands",
            "normalise", "EXACT_IN_FLOAT32"]
@@ -70,10 +75,13 @@ class WindowData:
 
     window: Window
     pixels: np.ndarray  # (bands, h, w): as stored when EXACT_IN_FLOAT32 holds its type, else float32
-    has_data: np.ndarray  # (h, w) bool: not nodata and finite in every selected band (reflected outside the scene)
+    has_data: np.ndarray  # (h, w) bool: GDAL's dataset mask (rasterio's dataset_mask() > 0), reflected outside the scene
     scene_shape: tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    nodata_collisions: int = 0
+    """Pixels of the window inside the scene that hold data per the dataset mask while a selected band
+    equals that band's nodata value (NaN for a NaN nodata): the nodata value collides with valid data."""
 
     @property
     def inside(self) -> Window | None:
@@ -91,7 +99,7 @@ class WindowData:
 
     @property
     def image(self) -> np.ndarray:
-        """(bands, h, w) float32 normalised bands, 0 where a pixel has no data."""
+        """(bands, h, w) float32 normalised bands, 0 where a pixel has no data or a band value is not finite."""
         return normalise(
             self.pixels.astype(np.float32), self.has_data, np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
         )
@@ -100,24 +108,57 @@ class WindowData:
 def normalise(image, has_data, mean, std):
     """``(image - mean) / std`` per band, in place, then 0 where a pixel has no data; returns ``image``.
 
+    A band value that is not finite (NaN or infinite) in a pixel that has
+    data becomes 0 too, the band's mean: GDAL's dataset mask keeps a pixel
+    when any band holds data, so a float pixel may hold a NaN nodata value in
+    one band and data in another.
+
     ``image`` is float32 (bands, h, w), numpy or torch on any device, with
     ``mean`` and ``std`` (bands,) of the same library: only IEEE-exact
     elementwise operations, so host and device give the same bits.
     """
     image -= mean[:, None, None]
     image /= std[:, None, None]
+    image[(image != image) | (abs(image) == float("inf"))] = 0
     image[:, ~has_data] = 0
     return image
 
 
+@contextmanager
+def _opened(path: str, what: str):  # what: "open" or "read"
+    """``rasterio.open(path)``, with GDAL's failures as one line naming the file and its first real cause.
+
+    A raster without georeferencing (a plain JPEG or PNG, say) opens quietly: it gets the identity transform
+    and no CRS, which every output then carries, instead of a warning leaking from each worker.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                yield src
+    except RasterioIOError as err:
+        cause = err.__cause__ or err.__context__  # GDAL's own message; rasterio's says "see previous exception"
+        detail = first_line(cause if cause is not None else err)[:200]
+        if what == "open":
+            raise InputFileError(f"{path}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)") from None
+        raise InputFileError(f"{path}: read failed ({detail}); check the file is complete") from None
+
+
 def open_scene(path: str | Path, *, role: str = "image") -> SceneInfo:
-    """Metadata of a raster; a missing or unreadable file raises `InputFileError`."""
+    """Metadata of a raster; a missing, unreadable or complex-valued file raises `InputFileError`."""
     path = str(path)
     if not Path(path).exists():
         raise InputFileError(f"{path}: {role} file not found; check the path")
-    try:
-        with rasterio.open(path) as src:
-            return SceneInfo(
+    if Path(path).is_dir():
+        raise InputFileError(f"{path}: is a folder, not a raster; give the {role} file")
+    with _opened(path, "open") as src:
+        complex_bands = [b + 1 for b, t in enumerate(src.dtypes) if t.startswith("complex")]
+        if complex_bands:
+            raise InputFileError(
+                f"{path}: band {complex_bands[0]} holds complex values ({src.dtypes[complex_bands[0] - 1]}); "
+                "satseg segments real-valued imagery: convert it first (e.g. to amplitude in dB)"
+            )
+        return SceneInfo(
                 path=path,
                 height=src.height,
                 width=src.width,
@@ -127,8 +168,6 @@ def open_scene(path: str | Path, *, role: str = "image") -> SceneInfo:
                 transform=tuple(src.transform)[:6],
                 nodata=src.nodata,
             )
-    except RasterioIOError:
-        raise InputFileError(f"{path}: not a readable raster; give a GeoTIFF (or another GDAL raster)") from None
 
 
 def grid_difference(a: SceneInfo, b: SceneInfo, *, shape_only: bool = False) -> str | None:
@@ -179,30 +218,70 @@ def _axis_take(index: np.ndarray) -> tuple[int, int, slice | np.ndarray]:
     return lo, hi, index - lo
 
 
-def _valid_mask(src, indexes, data: np.ndarray, rw: RioWindow) -> np.ndarray:
-    """Pixels with data in every band: from the nodata value when that is all GDAL knows, else its masks."""
-    flags = [src.mask_flag_enums[i - 1] for i in indexes]
-    if all(f == [MaskFlags.all_valid] for f in flags):
-        return np.ones(data.shape[1:], dtype=bool)
-    if all(f == [MaskFlags.nodata] for f in flags) and src.nodata is not None and not np.isnan(src.nodata):
-        return np.all(data != np.asarray(src.nodata, dtype=data.dtype), axis=0)
-    return np.all(src.read_masks(indexes, window=rw) > 0, axis=0)
+def _dataset_mask(src, rw: RioWindow) -> np.ndarray:
+    """(h, w) bool: GDAL's dataset mask over ``rw``, exactly rasterio's ``dataset_mask() > 0``.
+
+    A per-dataset mask (internal or ``.msk``) or an alpha band is the mask;
+    else a pixel holds data when any band's mask (its nodata value, NaN
+    included, per band) says so; with no nodata at all every pixel does.
+    Every band of the file counts, selected or not, and (rasterio's rule) a
+    4-band file whose band 1 is red takes band 4's mask. Only the window's
+    blocks are read.
+    """
+    if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums):
+        return np.ones((rw.height, rw.width), dtype=bool)
+    return src.dataset_mask(window=rw) > 0
 
 
-def _padded_read(src, window: Window, indexes) -> tuple[np.ndarray, np.ndarray]:
+def _equals_nodata(band: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """(h, w) bool: where ``band`` holds its nodata value, as stored in the band's type; None when it never can."""
+    if nodata is None:
+        return None
+    if band.dtype.kind == "f":
+        return np.isnan(band) if np.isnan(nodata) else band == band.dtype.type(nodata)
+    if band.dtype.kind in "iu":
+        info = np.iinfo(band.dtype)
+        if not (np.isfinite(nodata) and float(nodata).is_integer() and info.min <= nodata <= info.max):
+            return None
+        return band == band.dtype.type(int(nodata))
+    return band == nodata
+
+
+def _collisions(src, indexes, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(h, w) bool over the read block: pixels with data per the dataset mask where a selected band equals its nodata."""
+    out = np.zeros(valid.shape, dtype=bool)
+    for k, i in enumerate(indexes):
+        equal = _equals_nodata(data[k], src.nodatavals[i - 1])
+        if equal is not None:
+            out |= equal
+    out &= valid
+    return out
+
+
+def _padded_read(src, window: Window, indexes, count_in: Window | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The window's bands and dataset mask, reflected alike, and its nodata collisions inside the scene
+    (and inside ``count_in``, when given)."""
     rows = reflect_index(np.arange(window.row_off, window.row_stop), src.height)
     cols = reflect_index(np.arange(window.col_off, window.col_stop), src.width)
     r0, r1, take_r = _axis_take(rows)
     c0, c1, take_c = _axis_take(cols)
     rw = RioWindow(c0, r0, c1 - c0, r1 - r0)
     data = src.read(indexes, window=rw)
-    valid = _valid_mask(src, indexes, data, rw)
+    valid = _dataset_mask(src, rw)
+    # each pixel of the window inside the scene is itself in the read block: count those once, unreflected
+    collisions = 0
+    inside = window.intersection(Window(0, 0, src.height, src.width))
+    if inside is not None and count_in is not None:
+        inside = inside.intersection(count_in)
+    if inside is not None:
+        part = inside.slices_in(Window(r0, c0, r1 - r0, c1 - c0))
+        collisions = int(_collisions(src, indexes, data[(slice(None), *part)], valid[part]).sum())
     # one axis at a time: whole rows are copied as blocks, and only the columns gathered
     if isinstance(take_r, np.ndarray):
         data, valid = np.take(data, take_r, axis=1), np.take(valid, take_r, axis=0)
     if isinstance(take_c, np.ndarray):
         data, valid = np.take(data, take_c, axis=2), np.take(valid, take_c, axis=1)
-    return data, valid
+    return data, valid, collisions
 
 
 def read_image_window(
@@ -211,24 +290,35 @@ def read_image_window(
     bands: Sequence[int],
     mean: Sequence[float],
     std: Sequence[float],
+    count_in: Window | None = None,
 ) -> WindowData:
-    """Read ``window`` (may extend outside the scene) and mark nodata; :attr:`WindowData.image` normalises."""
-    try:
-        with rasterio.open(path) as src:
-            raw, mask = _padded_read(src, window, list(bands))
-            shape = (src.height, src.width)
-    except RasterioIOError as err:
-        raise InputFileError(f"{path}: read failed ({err}); check the file is complete") from None
+    """Read ``window`` (may extend outside the scene) with GDAL's dataset mask; :attr:`WindowData.image` normalises.
+
+    A pixel holds data exactly where GDAL (rasterio's ``dataset_mask``, QGIS)
+    says so: per the per-dataset mask or alpha band when there is one, else
+    where any band is not its nodata value. Pixels holding data where a
+    selected band equals its nodata value are counted (``nodata_collisions``)
+    and logged as a warning; with ``count_in`` (a chunk), only those inside it, so that
+    windows overlapping their neighbours' count each pixel once.
+    """
+    with _opened(path, "read") as src:
+        raw, mask, collisions = _padded_read(src, window, list(bands), count_in)
+        shape = (src.height, src.width)
+    if collisions:
+        log.warning(
+            "%s: nodata value collides with valid data in %d pixels of window %s: a band equals its nodata value "
+            "where GDAL's dataset mask says the pixel holds data (another band, or the mask, is valid); "
+            "they are read as data",
+            path, collisions, window,
+        )
     if raw.dtype.name not in EXACT_IN_FLOAT32:
         raw = raw.astype(np.float32)
-    if raw.dtype.kind == "f":
-        mask &= np.all(np.isfinite(raw), axis=0)
-    return WindowData(window, raw, mask, shape, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    return WindowData(window, raw, mask, shape, tuple(float(m) for m in mean), tuple(float(s) for s in std), collisions)
 
 
 def read_label_window(path: str, window: Window, band: int = 1) -> np.ndarray:
     """Read a label window inside the scene as int64 (label nodata becomes -1)."""
-    with rasterio.open(path) as src:
+    with _opened(path, "read") as src:
         rw = RioWindow(window.col_off, window.row_off, window.width, window.height)
         data = src.read(band, window=rw).astype(np.int64)
         mask = src.read_masks(band, window=rw)

@@ -60,9 +60,16 @@ def print_job_summary(result) -> None:
         _out.print(f"[bold]{head}[/]")
         if s.metrics is not None:
             print_metrics(f"{s.name}: per-class metrics", names, s.metrics, s.scores)
+        over = f" over the {s.chunks_total - s.chunks_resumed} chunks computed now" if s.chunks_resumed else ""
         _out.print(
-            f"throughput {s.megapixels_per_second:.2f} Mpx/s (segmentation {s.predict_seconds:.1f} s, "
+            f"throughput {s.megapixels_per_second:.2f} Mpx/s{over} (segmentation {s.predict_seconds:.1f} s, "
             f"total with evaluation {s.seconds:.1f} s)"
         )
+        if s.nodata_collisions:
+            _out.print(
+                f"[yellow]warning:[/] {s.nodata_collisions} input pixels hold data (per GDAL's dataset mask) although a "
+                "band equals its nodata value; they were segmented as data. If they are meant as nodata, give the "
+                "image a per-dataset mask or an alpha band"
+            )
         _out.print(f"mask:    {s.mask}")
     _out.print(f"reports: {result.layout.reports}  (job id {result.job_id}; query with `satseg query \"SELECT * FROM scenes\" --reports {result.layout.reports}`)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.core.geometry import ChunkGrid, TileLattice, Window
 
-__all__ = ["ChunkTask", "ScenePlan", "plan_scene"]
+__all__ = ["ChunkTask", "ChunkResult", "ScenePlan", "plan_scene"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,20 @@ class ChunkTask:
     @property
     def key(self) -> str:
         return f"{self.row}.{self.col}"
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a model actor returns for one chunk: its uint8 class map, its uint8 probabilities if asked, and its work.
+
+    The work (tiles_predicted, tiles_reused, model_seconds, chunk_seconds of this chunk alone, and the input's
+    nodata_collisions inside it) travels with the
+    chunk, so a job adds up each delivered chunk's work exactly once, across actor restarts and resumes.
+    """
+
+    mask: Any  # (h, w) uint8 numpy array
+    probabilities: Any  # (C, h, w) uint8 numpy array, or None
+    work: dict
 
 
 @dataclass(frozen=True)
