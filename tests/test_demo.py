@@ -1,10 +1,12 @@
 """`satseg demo` end to end: generated data, a trained model, a real job, and masks worth looking at."""
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.cli import main
 
 
+@pytest.mark.slow
 def test_demo_reaches_mean_iou_085(tmp_path, capsys, ray_local):
     out = tmp_path / "demo-output"
     assert main(["demo", "--out", str(out), "--quiet"]) == 0

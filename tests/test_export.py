@@ -134,6 +134,7 @@ def foreign(exported):
     return {key: lambda what, path=path: Path(f"{path}.{what}") for key, path in artifacts.items()}
 
 
+@pytest.mark.slow
 def test_exports_load_and_run_in_a_python_that_cannot_import_satseg(exported, foreign):
     assert all(foreign[key]("logits.npy").is_file() for key in exported[3])
 

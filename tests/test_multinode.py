@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import zarr
 
 from pipeline.run import run_job
@@ -85,6 +86,7 @@ def _drive(spec_json: str, witness: str) -> dict:
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_local, odd_scene, tmp_path):
     options = {"num_actors": 2, "chunk_size": 100, "max_windows_in_flight": 3}
     single = run_job(job(odd_scene, tmp_path / "single", **options), show_progress=False)

@@ -143,6 +143,7 @@ def test_a_second_start_is_refused(head, capsys):
     assert_one_line_error(code, err, "already runs", str(head["record"].pid))
 
 
+@pytest.mark.slow
 def test_submit_ships_code_and_job_and_the_outputs_match_a_local_run(head, scene, tmp_path, ray_local):
     job_file = write_job(tmp_path / "jobs", scene)
     done = satseg("submit", str(job_file), "--address", head["address"], "--follow", cwd=tmp_path)
@@ -238,6 +239,7 @@ def test_the_shipped_spec_is_absolute_and_round_trips(scene, tmp_path, monkeypat
     assert decode_spec(encode_spec(shipped)) == shipped
 
 
+@pytest.mark.slow
 def test_a_schedule_tick_is_submitted_to_the_cluster_and_waited_for(head, tmp_path, capsys, monkeypatch):
     from tests.test_schedule import checkpoint, deliver, runs, write_schedule
 
