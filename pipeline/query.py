@@ -5,14 +5,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 
 from schemas.errors import SpecError, first_line
 from schemas.store import REPORT_TABLES, ScheduleLayout
 
-__all__ = ["resolve_reports", "connect_reports", "run_query", "format_rows"]
+__all__ = ["QueryResult", "resolve_reports", "connect_reports", "run_query", "format_rows", "MAX_ROWS", "QUERY_SECONDS"]
+
+MAX_ROWS = 10_000
+"""Rows a query returns at most (the rest are counted as more); raise it with --max-rows."""
+QUERY_SECONDS = 120.0
+"""How long a query may run before DuckDB is interrupted; change it with --timeout."""
+QUERY_MEMORY = "1GB"
+"""DuckDB's memory limit for a query (report tables are small; this stops a runaway join)."""
+MAX_SQL_CHARS = 100_000
 
 
 def resolve_reports(path: str | Path) -> Path:
@@ -64,14 +74,30 @@ def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
     if not found:
         raise SpecError(f"{reports}: no report tables found; run a job with --out pointing here first")
     roots = ", ".join(_sql_text(str(root.resolve()) + "/") for root in _report_roots(reports))
+    con.execute(f"SET memory_limit = '{QUERY_MEMORY}'")
+    con.execute("SET temp_directory = ''")  # nothing spills to disk: a query writes no file at all
     con.execute(f"SET allowed_directories = [{roots}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
 
 
-def run_query(reports: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Column names and rows of ``sql``, one SELECT statement, over the report views; anything else is refused."""
+class QueryResult(NamedTuple):
+    columns: list[str]
+    rows: list[tuple]
+    more: bool = False  # rows beyond ``max_rows`` were left out
+
+
+def run_query(
+    reports: str | Path, sql: str, *, max_rows: int = MAX_ROWS, timeout: float = QUERY_SECONDS
+) -> QueryResult:
+    """Columns and rows of ``sql``, one SELECT statement, over the report views; anything else is refused.
+
+    Bounded: at most ``max_rows`` rows (``more`` says whether there were others), `QUERY_MEMORY` of memory,
+    and ``timeout`` seconds, after which DuckDB is interrupted; each bound is one line when it is hit.
+    """
+    if len(sql) > MAX_SQL_CHARS:
+        raise SpecError(f"the query is {len(sql)} characters; satseg query takes at most {MAX_SQL_CHARS}")
     con = connect_reports(reports)
     try:
         statements = con.extract_statements(sql)
@@ -83,13 +109,22 @@ def run_query(reports: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
             f"satseg query runs one SELECT statement over the reports, nothing else (got {', '.join(kinds) or 'none'}); "
             "write a single SELECT (WITH ... SELECT is fine)"
         )
+    timer = threading.Timer(timeout, con.interrupt)
+    timer.start()
     try:
         cur = con.execute(sql)
+        rows = cur.fetchmany(max_rows + 1) if cur.description is not None else []
+    except duckdb.InterruptException:
+        raise SpecError(f"query stopped after {timeout:g} s; narrow it (WHERE, LIMIT) or pass a longer --timeout") from None
+    except duckdb.OutOfMemoryException:
+        raise SpecError(f"query needs more than {QUERY_MEMORY} of memory; narrow it (WHERE, fewer columns, LIMIT)") from None
     except duckdb.Error as err:
-        raise SpecError(f"query failed: {first_line(err)}; tables are {', '.join(REPORT_TABLES)}") from None
+        raise SpecError(f"query failed: {first_line(err)[:300]}; tables are {', '.join(REPORT_TABLES)}") from None
+    finally:
+        timer.cancel()
     if cur.description is None:
-        return [], []
-    return [d[0] for d in cur.description], cur.fetchall()
+        return QueryResult([], [])
+    return QueryResult([d[0] for d in cur.description], rows[:max_rows], len(rows) > max_rows)
 
 
 def _plain(v):

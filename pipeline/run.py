@@ -323,11 +323,13 @@ class _Scene:
 
 
 def _open_store(job: _RunningJob, scene: _Scene, plan: ScenePlan) -> tuple[Path, set[tuple[int, int]]]:
-    """The scene's mask store, created unless an earlier run of the job left chunks in it; the chunks already written."""
-    from workers.mask_store import chunks_done, create_mask_store, create_probabilities_array
+    """The scene's mask store, created unless an earlier run of the job left chunks in it; the chunks already written
+    and still intact (each checked against its marker's checksum)."""
+    from workers.mask_store import create_mask_store, create_probabilities_array, intact_chunks
 
     store, markers = job.layout.mask_store(scene.name), job.layout.chunk_markers(scene.name)
-    done = chunks_done(markers) if store.exists() else set()
+    windows = {f"{r}.{c}": plan.grid.window(r, c) for r, c in plan.grid}
+    done = intact_chunks(store, markers, windows) if store.exists() else set()
     if not done:
         if markers.exists():
             shutil.rmtree(markers)

@@ -219,6 +219,27 @@ def test_query_is_read_only_and_confined_to_the_reports(capsys, tmp_path, sql, s
     assert code == 0 and out.strip() == "scene,job_id\na,abc"
 
 
+def test_query_time_memory_and_output_are_bounded(capsys, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "reports" / "scenes" / "job_id=abc"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"scene": ["a"]}), folder / "a.parquet")
+    reports = ("--reports", str(tmp_path))
+    code, _, err = run_cli(capsys, "query", "SELECT count(*) FROM range(10000000000000) a, range(1000) b", *reports,
+                           "--timeout", "1")
+    assert_one_line_error(code, err, "stopped after 1 s", "--timeout")
+    code, _, err = run_cli(capsys, "query", "SELECT string_agg(repeat('x', 1000), '') FROM range(10000000)", *reports)
+    assert_one_line_error(code, err, "more than 1GB of memory")
+    code, out, err = run_cli(capsys, "query", "SELECT * FROM range(100000)", *reports, "--format", "csv", "--max-rows", "3")
+    assert code == 0 and out.strip().splitlines() == ["range", "0", "1", "2"]
+    assert "only the first 3 rows" in err
+    code, _, err = run_cli(capsys, "query", "SELECT 1 -- " + "x" * 200_000, *reports)
+    assert_one_line_error(code, err, "at most 100000")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.parquet", "job_id=abc", "reports", "scenes"]  # no spill
+
+
 @pytest.mark.parametrize(
     ("transform", "crs", "match"),
     [

@@ -104,3 +104,19 @@ def test_an_actor_dead_beyond_its_restarts_is_one_line_and_a_rerun_recomputes_on
     assert np.array_equal(stored_mask(again), reference)
     assert again.scenes[0].chunks_resumed == done_before  # only the missing chunks are computed
     assert _scene_row(tmp_path / "dying")["chunks_resumed"] == done_before
+
+
+def test_a_chunk_damaged_on_disk_after_its_marker_is_found_on_resume_and_only_it_recomputes(ray_local, odd_scene, tmp_path):
+    """One chunk file truncated, another replaced by a valid chunk of other pixels: both are caught by their checksums."""
+    reference = stored_mask(run_job(job(odd_scene, tmp_path / "ref"), show_progress=False))
+    first = run_job(job(odd_scene, tmp_path / "out"), show_progress=False)
+    store = first.layout.mask_store("odd")
+    total = first.scenes[0].chunks_total
+    zarr.open_array(str(store), path="mask", mode="r+").attrs["satseg_complete"] = False  # as if cut short
+    chunk_files = {p.relative_to(store / "mask").as_posix(): p for p in (store / "mask" / "c").rglob("*") if p.is_file()}
+    truncated, replaced = chunk_files["c/0/1"], chunk_files["c/2/0"]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    replaced.write_bytes(chunk_files["c/1/1"].read_bytes())  # decodes fine, holds the wrong pixels
+    again = run_job(job(odd_scene, tmp_path / "out"), show_progress=False)
+    assert again.scenes[0].chunks_resumed == total - 2  # only the two damaged chunks are computed again
+    assert np.array_equal(stored_mask(again), reference)

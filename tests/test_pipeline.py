@@ -131,9 +131,9 @@ def test_reports_hold_exact_metrics(blend_run, odd_scene):
 def test_query_registers_views(blend_run):
     from pipeline.query import run_query
 
-    cols, rows = run_query(blend_run.layout.root, "SELECT scene, job_id, num_classes FROM scenes")
+    cols, rows = run_query(blend_run.layout.root, "SELECT scene, job_id, num_classes FROM scenes")[:2]
     assert rows == [("odd", blend_run.job_id, len(CLASSES))]
-    cols, rows = run_query(blend_run.layout.reports, "SELECT count(*) FROM tiles JOIN classes USING (scene)")
+    cols, rows = run_query(blend_run.layout.reports, "SELECT count(*) FROM tiles JOIN classes USING (scene)")[:2]
     assert rows[0][0] == 16 * len(CLASSES)
 
 

@@ -115,14 +115,14 @@ def test_ticks_are_idempotent_and_pick_up_only_new_scenes(ray_local, site):
     assert table.num_rows == 4 and set(RUNS.names) <= set(table.column_names)
     assert table.schema.metadata[b"satseg_schema_version"] == b"1"
 
-    columns, rows = run_query(site / "results", "SELECT schedule, run_id, scenes_submitted FROM runs ORDER BY tick")
+    columns, rows = run_query(site / "results", "SELECT schedule, run_id, scenes_submitted FROM runs ORDER BY tick")[:2]
     assert rows == [("nightly", "20261125T020000Z", 2), ("nightly", "20261126T020000Z", 0),
                     ("nightly", "20261127T020000Z", 1), ("nightly", "20261128T020000Z", 3)]
     last_night = (
         "SELECT s.scene, s.mean_iou FROM scenes s JOIN runs r ON s.job_id = r.job_id "
         "WHERE r.tick = (SELECT max(tick) FROM runs WHERE scenes_submitted > 0) ORDER BY s.scene"
     )
-    columns, rows = run_query(site / "results", last_night)
+    columns, rows = run_query(site / "results", last_night)[:2]
     assert [r[0] for r in rows] == ["a", "b", "c"] and all(0 <= r[1] <= 1 for r in rows)
 
 
@@ -150,7 +150,7 @@ def test_a_manifest_lists_scenes_relative_to_itself(ray_local, site):
     spec = load_schedule(write_schedule(site, scenes={"manifest": "lists/tonight.txt"}))
     row = run_tick(spec, T1, log=lambda m: None)
     assert (row["scenes_found"], row["scenes_submitted"], row["status"]) == (1, 1, "done")
-    columns, rows = run_query(site / "results", "SELECT scene, labels IS NULL AS unlabelled FROM scenes")
+    columns, rows = run_query(site / "results", "SELECT scene, labels IS NULL AS unlabelled FROM scenes")[:2]
     assert rows == [("m", True)]  # the manifest source has no labels template
 
 

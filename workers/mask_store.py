@@ -20,7 +20,9 @@ validates a mask store goes through this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,9 @@ __all__ = [
     "create_probabilities_array",
     "write_mask_chunk",
     "write_probabilities_chunk",
+    "chunk_digest",
     "mark_chunk_done",
-    "chunks_done",
+    "intact_chunks",
     "mark_complete",
     "is_complete",
     "is_mask_store",
@@ -53,6 +56,8 @@ __all__ = [
     "zarr_mask",
     "zarr_georeference",
 ]
+
+log = logging.getLogger(__name__)
 
 MASK, PROBABILITIES = "mask", "probabilities"
 _COMPLETE, _JOB = "satseg_complete", "satseg_job_id"
@@ -166,15 +171,49 @@ def is_mask_store(path: Path) -> bool:
     return attrs.get(_JOB) is not None
 
 
-def mark_chunk_done(markers: Path, key: str) -> None:
+def chunk_digest(mask: np.ndarray, probabilities: np.ndarray | None = None) -> str:
+    """A checksum of a chunk's stored arrays, kept in its marker so a resume can tell a damaged chunk."""
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (mask, probabilities):
+        if arr is not None:
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def mark_chunk_done(markers: Path, key: str, digest: str = "") -> None:
+    """Record that chunk ``key`` is written, with its checksum: after the chunk itself, so a marker means done."""
     markers.mkdir(parents=True, exist_ok=True)
-    (markers / key).touch()
+    (markers / key).write_text(digest)
 
 
-def chunks_done(markers: Path) -> set[str]:
+def intact_chunks(store: Path, markers: Path, windows: dict[str, Window]) -> set[str]:
+    """The chunks marked done whose stored arrays still match their marker's checksum (``windows``: key -> window).
+
+    A chunk file truncated or changed on disk after its marker was written reads back differently, or not at all:
+    its marker is removed, and the chunk is computed again. A marker without a checksum is trusted.
+    """
     if not markers.is_dir():
         return set()
-    return {p.name for p in markers.iterdir()}
+    mask = zarr.open_array(str(store), path=MASK, mode="r")
+    probabilities = zarr.open_array(str(store), path=PROBABILITIES, mode="r") if is_zarr_node(store / PROBABILITIES) else None
+    intact = set()
+    for marker in markers.iterdir():
+        win = windows.get(marker.name)
+        if win is None:
+            continue  # not a chunk of this grid: a stray file
+        expected = marker.read_text().strip()
+        if expected:
+            rows, cols = slice(win.row_off, win.row_stop), slice(win.col_off, win.col_stop)
+            try:
+                found = chunk_digest(mask[rows, cols], probabilities[:, rows, cols] if probabilities is not None else None)
+            except Exception:  # noqa: BLE001  (a chunk that cannot be decoded is as damaged as a wrong one)
+                found = None
+            if found != expected:
+                log.warning("%s: chunk %s does not match its checksum; it is computed again", store, marker.name)
+                marker.unlink(missing_ok=True)
+                continue
+        intact.add(marker.name)
+    return intact
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import ray
 from pipeline.core.geometry import Window
 from pipeline.core.plan import ChunkResult
 from workers.reader import WindowData, read_image_window
-from workers.mask_store import mark_chunk_done, write_mask_chunk, write_probabilities_chunk
+from workers.mask_store import chunk_digest, mark_chunk_done, write_mask_chunk, write_probabilities_chunk
 
 __all__ = ["read_window_task", "write_chunk_task", "warm_up_task"]
 
@@ -29,7 +29,7 @@ def write_chunk_task(store: str, window: Window, result: ChunkResult, markers: s
     if result.probabilities is not None:
         write_probabilities_chunk(Path(store), window, result.probabilities)
     write_mask_chunk(Path(store), window, result.mask)
-    mark_chunk_done(Path(markers), key)
+    mark_chunk_done(Path(markers), key, chunk_digest(result.mask, result.probabilities))
     return result.work
 
 
