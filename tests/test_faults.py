@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import zarr
 
 from pipeline.run import run_job
@@ -120,3 +121,67 @@ def test_a_chunk_damaged_on_disk_after_its_marker_is_found_on_resume_and_only_it
     again = run_job(job(odd_scene, tmp_path / "out"), show_progress=False)
     assert again.scenes[0].chunks_resumed == total - 2  # only the two damaged chunks are computed again
     assert np.array_equal(stored_mask(again), reference)
+
+
+_DRIVER = """
+import sys
+from pipeline.cluster import connect
+from pipeline.run import run_job
+from schemas.job import JobSpec
+connect(None, num_cpus=2)
+run_job(JobSpec.model_validate_json(sys.argv[1]), show_progress=False)
+"""
+
+
+def _processes_under(folder: str) -> list[int]:
+    """PIDs whose command line names ``folder`` (the Ray instance a test started there)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if folder.encode() in f.read():
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_job_resumes_to_the_same_mask_computing_only_the_rest(ray_local, odd_scene, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.job_folder import chunks_marked
+    from schemas.store import OutputLayout
+
+    root = Path(__file__).resolve().parent.parent
+    reference = stored_mask(run_job(job(odd_scene, tmp_path / "ref", chunk_size=64), show_progress=False))
+    spec = job(odd_scene, tmp_path / "out", chunk_size=64, max_windows_in_flight=1)
+    layout = OutputLayout(tmp_path / "out")
+    ray_tmp = tempfile.mkdtemp(prefix="satseg-dk-")  # the killed driver's own Ray instance lives here
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, spec.model_dump_json()], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and driver.poll() is None and chunks_marked(layout, "odd") < 3:
+            time.sleep(0.05)
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        for pid in _processes_under(ray_tmp):  # its Ray processes, which outlive a killed driver for a while
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    marked = chunks_marked(layout, "odd")
+    again = run_job(spec, show_progress=False)
+    assert np.array_equal(stored_mask(again), reference)
+    assert 3 <= again.scenes[0].chunks_resumed <= marked  # only the chunks not written before the kill are computed

@@ -31,8 +31,12 @@ from tests.test_pipeline import job, stored_mask
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _drive(spec_json: str, witness: str) -> dict:
-    """In the subprocess: start a 3-node cluster, run the job on it, report where things ran."""
+def _drive(spec_json: str, witness: str, remove_node: bool = False) -> dict:
+    """In the subprocess: start a 3-node cluster, run the job on it, report where things ran.
+
+    With ``remove_node``, a worker node holding a model actor is removed while the job runs (its raylet, object
+    store and workers die with it), once a few chunks are written.
+    """
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.dask import RayDaskCallback
@@ -64,8 +68,12 @@ def _drive(spec_json: str, witness: str) -> dict:
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         spec = job_from_dict({**json.loads(spec_json), "address": cluster.address})  # as `satseg run --address`
+        removed = None
         with Witness(witness):
-            run_job(spec, show_progress=False)
+            if remove_node:
+                removed = _run_removing_a_node(cluster, spec)
+            else:
+                run_job(spec, show_progress=False)
         rejoined = connect(None)  # no address now: whether this is a cluster comes from Ray itself
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         actors = [a.node_id for a in list_actors(filters=[("class_name", "=", "TilePredictor")], detail=True)]
@@ -78,7 +86,7 @@ def _drive(spec_json: str, witness: str) -> dict:
                 break
             time.sleep(0.5)
         return {
-            "nodes": nodes, "driver_pid": os.getpid(), "actor_nodes": actors, "read_nodes": reads, "on_cluster": rejoined,
+            "removed": removed, "nodes": nodes, "driver_pid": os.getpid(), "actor_nodes": actors, "read_nodes": reads, "on_cluster": rejoined,
             "node_ips": sorted({n["NodeManagerAddress"] for n in ray.nodes()}),
         }
     finally:
@@ -86,25 +94,79 @@ def _drive(spec_json: str, witness: str) -> dict:
         cluster.shutdown()
 
 
-@pytest.mark.slow
-def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_local, odd_scene, tmp_path):
-    options = {"num_actors": 2, "chunk_size": 100, "max_windows_in_flight": 3}
-    single = run_job(job(odd_scene, tmp_path / "single", **options), show_progress=False)
-    spec = job(odd_scene, tmp_path / "multi", **options)
-    witness = tmp_path / "witness"
-    witness.mkdir()
+def _run_removing_a_node(cluster, spec) -> str:
+    """Run ``spec`` in a thread; when 3 chunks are written, remove a worker node that holds an actor. Its id."""
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline.job_folder import chunks_marked
+    from schemas.store import OutputLayout
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            run_job(spec, show_progress=False)
+        except BaseException as err:  # noqa: BLE001  (re-raised in the main thread)
+            outcome["error"] = err
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    layout, removed = OutputLayout(Path(spec.out)), None
+    while worker.is_alive() and removed is None:
+        if chunks_marked(layout, "odd") >= 3:
+            held = {a.node_id for a in list_actors(filters=[("class_name", "=", "TilePredictor")], detail=True)}
+            candidates = [n for n in cluster.worker_nodes if n.node_id in held] or list(cluster.worker_nodes)
+            removed = candidates[0].node_id
+            cluster.remove_node(candidates[0])
+        time.sleep(0.05)
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    assert removed is not None, "the job finished before a node could be removed"
+    assert removed not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    return removed
+
+
+def _run_on_three_nodes(spec, witness: Path, *extra: str) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="satseg-mn-")  # short: Ray's socket paths must stay under ~107 characters
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, spec.model_dump_json(), str(witness)],
+            [sys.executable, __file__, spec.model_dump_json(), str(witness), *extra],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ran = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_job_leaves_the_mask_unchanged(ray_local, odd_scene, tmp_path):
+    """A node dies with one of the model actors: Ray restarts it on another node and re-runs lost tasks."""
+    options = {"num_actors": 2, "chunk_size": 64, "max_windows_in_flight": 2}
+    single = run_job(job(odd_scene, tmp_path / "single", **options), show_progress=False)
+    witness = tmp_path / "witness"
+    witness.mkdir()
+    ran = _run_on_three_nodes(job(odd_scene, tmp_path / "multi", **options), witness, "remove-node")
+    assert ran["removed"] and ran["removed"] not in ran["nodes"] and len(ran["nodes"]) == 2
+    multi_mask = zarr.open_array(str(tmp_path / "multi" / "masks" / "odd.zarr"), path="mask", mode="r")[:]
+    assert np.array_equal(multi_mask, stored_mask(single))
+    scenes = [pq.read_table(tmp_path / name / "reports" / "scenes").to_pylist()[0] for name in ("single", "multi")]
+    assert scenes[0]["confusion"] == scenes[1]["confusion"]
+
+
+@pytest.mark.slow
+def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_local, odd_scene, tmp_path):
+    options = {"num_actors": 2, "chunk_size": 100, "max_windows_in_flight": 3}
+    single = run_job(job(odd_scene, tmp_path / "single", **options), show_progress=False)
+    witness = tmp_path / "witness"
+    witness.mkdir()
+    ran = _run_on_three_nodes(job(odd_scene, tmp_path / "multi", **options), witness)
 
     multi_mask = zarr.open_array(str(tmp_path / "multi" / "masks" / "odd.zarr"), path="mask", mode="r")[:]
     assert np.array_equal(multi_mask, stored_mask(single))
@@ -129,4 +191,4 @@ def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_
 
 
 if __name__ == "__main__":
-    print(json.dumps(_drive(sys.argv[1], sys.argv[2])))
+    print(json.dumps(_drive(sys.argv[1], sys.argv[2], remove_node=sys.argv[3:] == ["remove-node"])))
