@@ -28,10 +28,8 @@ def _actor_pids() -> list[int]:
     return pids
 
 
-def test_killed_actor_is_restarted_and_mask_is_unchanged(ray_local, odd_scene, tmp_path):
-    reference = stored_mask(run_job(job(odd_scene, tmp_path / "ref", chunk_size=64), show_progress=False))
-    spec = job(odd_scene, tmp_path / "faulty", chunk_size=64, max_windows_in_flight=1)
-    markers = tmp_path / "faulty" / "state" / "odd" / "chunks"
+def _run_in_thread(spec) -> tuple[threading.Thread, dict]:
+    """``run_job(spec)`` started in a thread; the dict gets its ``result`` or its ``error``."""
     outcome: dict = {}
 
     def target():
@@ -42,6 +40,14 @@ def test_killed_actor_is_restarted_and_mask_is_unchanged(ray_local, odd_scene, t
 
     worker = threading.Thread(target=target)
     worker.start()
+    return worker, outcome
+
+
+def test_killed_actor_is_restarted_and_mask_is_unchanged(ray_local, odd_scene, tmp_path):
+    reference = stored_mask(run_job(job(odd_scene, tmp_path / "ref", chunk_size=64), show_progress=False))
+    spec = job(odd_scene, tmp_path / "faulty", chunk_size=64, max_windows_in_flight=1)
+    markers = tmp_path / "faulty" / "state" / "odd" / "chunks"
+    worker, outcome = _run_in_thread(spec)
     deadline = time.time() + 120
     killed = []
     while time.time() < deadline and not killed and worker.is_alive():
@@ -75,16 +81,7 @@ def test_an_actor_dead_beyond_its_restarts_is_one_line_and_a_rerun_recomputes_on
     reference = stored_mask(run_job(job(odd_scene, tmp_path / "ref", chunk_size=64), show_progress=False))
     spec = job(odd_scene, tmp_path / "dying", chunk_size=64, max_windows_in_flight=1)
     layout = OutputLayout(tmp_path / "dying")
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = run_job(spec, show_progress=False)
-        except Exception as err:  # noqa: BLE001
-            outcome["error"] = err
-
-    worker = threading.Thread(target=target)
-    worker.start()
+    worker, outcome = _run_in_thread(spec)
     killed: set[int] = set()
     deadline = time.time() + 240
     while time.time() < deadline and worker.is_alive():

@@ -145,33 +145,31 @@ def _run_on_three_nodes(spec, witness: Path, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
-def test_a_worker_node_lost_mid_job_leaves_the_mask_unchanged(ray_local, odd_scene, tmp_path):
-    """A node dies with one of the model actors: Ray restarts it on another node and re-runs lost tasks."""
-    options = {"num_actors": 2, "chunk_size": 64, "max_windows_in_flight": 2}
+def _single_then_three_nodes(odd_scene, tmp_path: Path, options: dict, *extra: str) -> tuple[dict, Path]:
+    """The job on the session's single node, then on three (with ``extra`` driver options); the same outputs."""
     single = run_job(job(odd_scene, tmp_path / "single", **options), show_progress=False)
     witness = tmp_path / "witness"
     witness.mkdir()
-    ran = _run_on_three_nodes(job(odd_scene, tmp_path / "multi", **options), witness, "remove-node")
-    assert ran["removed"] and ran["removed"] not in ran["nodes"] and len(ran["nodes"]) == 2
+    ran = _run_on_three_nodes(job(odd_scene, tmp_path / "multi", **options), witness, *extra)
     multi_mask = zarr.open_array(str(tmp_path / "multi" / "masks" / "odd.zarr"), path="mask", mode="r")[:]
     assert np.array_equal(multi_mask, stored_mask(single))
     scenes = [pq.read_table(tmp_path / name / "reports" / "scenes").to_pylist()[0] for name in ("single", "multi")]
     assert scenes[0]["confusion"] == scenes[1]["confusion"]
+    return ran, witness
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_job_leaves_the_mask_unchanged(ray_local, odd_scene, tmp_path):
+    """A node dies with one of the model actors: Ray restarts it on another node and re-runs lost tasks."""
+    options = {"num_actors": 2, "chunk_size": 64, "max_windows_in_flight": 2}
+    ran, _ = _single_then_three_nodes(odd_scene, tmp_path, options, "remove-node")
+    assert ran["removed"] and ran["removed"] not in ran["nodes"] and len(ran["nodes"]) == 2
 
 
 @pytest.mark.slow
 def test_a_job_on_three_nodes_gives_the_single_node_mask_and_reduces_on_ray(ray_local, odd_scene, tmp_path):
     options = {"num_actors": 2, "chunk_size": 100, "max_windows_in_flight": 3}
-    single = run_job(job(odd_scene, tmp_path / "single", **options), show_progress=False)
-    witness = tmp_path / "witness"
-    witness.mkdir()
-    ran = _run_on_three_nodes(job(odd_scene, tmp_path / "multi", **options), witness)
-
-    multi_mask = zarr.open_array(str(tmp_path / "multi" / "masks" / "odd.zarr"), path="mask", mode="r")[:]
-    assert np.array_equal(multi_mask, stored_mask(single))
-    scenes = [pq.read_table(tmp_path / name / "reports" / "scenes").to_pylist()[0] for name in ("single", "multi")]
-    assert scenes[0]["confusion"] == scenes[1]["confusion"]
+    ran, witness = _single_then_three_nodes(odd_scene, tmp_path, options)
 
     nodes = set(ran["nodes"])
     assert len(nodes) == 3
