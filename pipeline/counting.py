@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.core.boundary import OUTSIDE, band_codes, decode_codes
+from pipeline.core.boundary import CONVENTIONS, OUTSIDE, band_codes, decode_codes
 from pipeline.core.geometry import Window
 from pipeline.core.metrics import (
     PROBABILITY_LEVELS,
@@ -162,6 +162,11 @@ class CountSpec:
     ignore_index: int | None = 255
     boundary_width: int = 3
     trimap_max: int = 10
+    boundary_convention: str = "neutral"  # how no-class pixels shape boundary bands (pipeline.core.boundary.CONVENTIONS)
+
+    def __post_init__(self):
+        if self.boundary_convention not in CONVENTIONS:
+            raise ValueError(f"unknown boundary convention {self.boundary_convention!r}; choose one of {', '.join(CONVENTIONS)}")
 
     @property
     def depth(self) -> int:
@@ -222,7 +227,9 @@ def block_counts(window: Window, pred: Raster, labels: Raster | None, probabilit
     both = (truth >= 0) & (pred_idx >= 0)
     conf = np.bincount(truth[both].astype(np.int64) * c + pred_idx[both], minlength=c * c)
     predicted = np.bincount(pred_idx[pred_idx >= 0].astype(np.int64), minlength=c)
-    codes = band_codes(t_pad, p_pad, width=spec.boundary_width, trimap_max=spec.trimap_max, depth=depth)
+    codes = band_codes(
+        t_pad, p_pad, width=spec.boundary_width, trimap_max=spec.trimap_max, depth=depth, convention=spec.boundary_convention,
+    )
     truth_band, pred_band, distance = decode_codes(codes)
     parts = [conf, predicted, boundary_counts(truth, pred_idx, truth_band, pred_band, c).ravel()]
     parts.append(trimap_confusions(truth, pred_idx, distance, c, spec.trimap_max).ravel())
@@ -267,6 +274,7 @@ def chunk_counts(
     probabilities: Raster | None = None,
     boundary_width: int = 3,
     trimap_max: int = 10,
+    boundary_convention: str = "neutral",
     split_every: int = 8,
 ) -> ChunkCounts:
     """Per-chunk counts of ``pred`` against ``labels``, one independent Dask task per chunk; totals by tree reduction.
@@ -276,12 +284,13 @@ def chunk_counts(
     mask). ``labels`` hold label values (``label_values[i]`` is class i's;
     default: the index). ``probabilities`` (C, H, W) uint8 add the PR
     histograms. ``chunks`` defaults to the prediction's own chunks.
+    ``boundary_convention``: "neutral" or "reference" (``pipeline.core.boundary``).
     """
     if labels is not None and (labels.height, labels.width) != (pred.height, pred.width):
         raise ValueError(f"labels {labels.shape} and prediction {pred.shape} differ in shape")
     spec = CountSpec(
         num_classes, labels is not None, probabilities is not None and labels is not None, pred_values, label_values,
-        ignore_index, boundary_width, trimap_max,
+        ignore_index, boundary_width, trimap_max, boundary_convention,
     )
     windows, sizes = chunk_windows((pred.height, pred.width), chunks or pred.chunks)
     task = dask.delayed(block_counts, pure=True)

@@ -127,6 +127,7 @@ def evaluate_mask(
     boundary_width: int = 3,
     boundary_ratio: float | None = None,
     trimap_max_width: int = 10,
+    boundary_convention: str = "neutral",
 ) -> Evaluation:
     """Metrics of ``pred`` against ``labels``; with ``out``, the reports are written there too."""
     pred, labels = Path(pred), Path(labels)
@@ -159,9 +160,12 @@ def evaluate_mask(
         counts = chunk_counts(
             pred_raster.raster, label_raster.raster, c, ignore_index=ignore_index, label_values=table.values,
             pred_values=pred_values, probabilities=probs, boundary_width=width, trimap_max=trimap_max_width,
+            boundary_convention=boundary_convention,
         )
     scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
     key = f"{pred.resolve()}|{labels.resolve()}|{table}|{ignore_index}|{width}|{trimap_max_width}"
+    if boundary_convention != "neutral":  # neutral keeps the ids it always had
+        key += f"|{boundary_convention}"
     job_id = "eval-" + hashlib.sha256(key.encode()).hexdigest()[:8]
     name = pred.name.split(".")[0] or "mask"
     reports = None
@@ -174,6 +178,7 @@ def evaluate_mask(
             "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": height,
             "width": width_px, "num_classes": c, "class_names": table.names, "crs": georef.crs,
             "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds, "boundary_width": width,
+            "boundary_convention": boundary_convention,
             "probabilities": f"{pred}/probabilities" if probs is not None else None,
             "label_values": table.values, "mask_label_values": pred_values is not None, "ignore_index": ignore_index,
             "evaluate_seconds": seconds, "satseg_version": __version__, "finished_at": datetime.now(timezone.utc),

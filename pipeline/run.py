@@ -248,7 +248,7 @@ class _ChunkCounting:
         self.spec = CountSpec(
             num_classes, labels, spec.save_probabilities and labels, None, spec.label_values, spec.ignore_index,
             boundary_width_for(plan.height, plan.width, pixels=spec.boundary_width, ratio=spec.boundary_ratio),
-            spec.trimap_max_width,
+            spec.trimap_max_width, spec.boundary_convention,
         )
         self.windows, self.sizes = chunk_windows((plan.height, plan.width), (plan.grid.chunk, plan.grid.chunk))
         self.rasters = (
@@ -427,6 +427,7 @@ def _scene_row(
         "crs": info.crs,
         "valid_pixels": int(counts.valid.sum()),
         "boundary_width": boundary_width if scene.labels is not None else None,
+        "boundary_convention": spec.boundary_convention if scene.labels is not None else None,
         "probabilities": f"{store}/probabilities" if spec.save_probabilities else None,
         "label_values": spec.label_values,
         "mask_label_values": False,

@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import SpecError
 from schemas.store import MASK_NODATA
-from schemas.specfile import check_path_length, check_safe_name, describe, excerpt, quoted, read_mapping, resolve_path
+from schemas.specfile import (
+    MAX_NAME_LENGTH, check_path_length, check_safe_name, describe, excerpt, quoted, read_mapping, resolve_path,
+)
 
-__all__ = ["TILE_MULTIPLE", "DEVICES", "MAX_MODEL_OPTIONS", "check_model_options", "check_device", "resolve_device", "SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
+__all__ = ["TILE_MULTIPLE", "DEVICES", "MAX_MODEL_OPTIONS", "check_model_options", "check_device", "resolve_device", "SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "LATER_FIELDS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
 
 TILE_MULTIPLE = 32
 """Tile (and training crop) height and width are multiples of this: the models' coarsest feature map is 1/32."""
@@ -120,7 +122,8 @@ class SceneSpec(BaseModel):
     def scene_name(self) -> str:
         if self.name:
             return self.name
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.image.name.split(".")[0]) or "scene"
+        # the file name's stem, made safe and cut to the longest name, so every file named after it fits the file system
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.image.name.split(".")[0])[:MAX_NAME_LENGTH] or "scene"
         return stem
 
 
@@ -143,6 +146,8 @@ class ScoringSpec(BaseModel):
     boundary_width: int = Field(default=3, ge=1, le=256)  # boundary IoU band, in pixels
     boundary_ratio: float | None = Field(default=None, gt=0, lt=1)  # the paper's rule: ratio of the diagonal
     trimap_max_width: int = Field(default=10, ge=1, le=256)  # trimap IoU for band widths 1..N
+    # how pixels that are no class shape boundary bands: neutral (satseg's), or the reference implementation's rule
+    boundary_convention: Literal["neutral", "reference"] = "neutral"
 
     @model_validator(mode="after")
     def _mapping(self):
@@ -165,6 +170,9 @@ class ScoringSpec(BaseModel):
         """The label value of each class when `classes` maps values to names (else the value is the index)."""
         return list(self.classes) if isinstance(self.classes, dict) else None
 
+
+LATER_FIELDS = {"boundary_convention": "neutral"}
+"""Identity fields added after jobs had run, with the value those jobs had; see `JobSpec.identity`."""
 
 RUN_SETTINGS = frozenset({"out", "address", "num_actors", "max_windows_in_flight", "batch_size", "compile", "device"})
 """Job fields that change only speed or placement, never the outputs, so they are no part of a job's identity.
@@ -247,9 +255,16 @@ class JobSpec(ScoringSpec):
         return self.chunk_size or default_chunk_size(self.tile_size, self.overlap)
 
     def identity(self) -> dict:
-        """Every field that determines the outputs (all but `RUN_SETTINGS`), as JSON values; scenes in a fixed order."""
+        """Every field that determines the outputs (all but `RUN_SETTINGS`), as JSON values; scenes in a fixed order.
+
+        A field added after jobs were already run (`LATER_FIELDS`) counts only when it differs from the value those
+        jobs had implicitly, so their folders keep their job ids and still resume.
+        """
         keep = self.model_dump(mode="json", exclude=set(RUN_SETTINGS))
         keep["scenes"] = sorted(keep["scenes"], key=lambda s: s["image"])
+        for name, implicit in LATER_FIELDS.items():
+            if keep.get(name) == implicit:
+                del keep[name]
         return keep
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "TILES", "CLASSES", "SCENES", "CURVES", "AGGREGATES", "TABLE_SCHEMAS"]
 
-SCHEMA_VERSION = 3  # 3: scenes.nodata_collisions
+SCHEMA_VERSION = 3  # 3: scenes.nodata_collisions, scenes.boundary_convention
 
 _f64 = pa.float64()
 _i64 = pa.int64()
@@ -95,6 +95,7 @@ SCENES = pa.schema(
         *_SCALAR_METRICS,
         ("mean_boundary_iou", _f64),
         ("boundary_width", pa.int32()),
+        ("boundary_convention", pa.string()),  # neutral (satseg's) or reference (the boundary IoU paper's code)
         ("mean_average_precision", _f64),
         ("trimap_miou", pa.list_(_f64)),
         ("confusion", pa.list_(_i64)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.summary import print_metrics
+from pipeline.core.boundary import CONVENTIONS
 
 HELP = "metrics of an existing mask against labels: any pair of GeoTIFFs or Zarr arrays on the same grid"
 
@@ -29,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="band width as this ratio of the image diagonal (the paper's rule, e.g. 0.02, meant for tile-sized images)",
     )
     p.add_argument("--trimap-max-width", type=int, help="trimap IoU for band widths 1..N px (default 10)")
+    p.add_argument(
+        "--boundary-convention", choices=CONVENTIONS,
+        help="boundary bands: ignored and nodata pixels are neutral (default), or, as in the reference implementation, "
+        "outside every class mask",
+    )
     p.add_argument("--chunk-size", type=int, default=2048, help="chunk size for masks without chunks of their own (default 2048)")
     p.add_argument("--out", help="also write tiles/classes/scenes/curves reports under OUT/reports")
 
@@ -37,7 +43,10 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.evaluate import ClassTable, evaluate_mask, parse_classes
     from schemas.errors import SpecError
 
-    settings = {"ignore_index": 255, "boundary_width": 3, "boundary_ratio": None, "trimap_max_width": 10}
+    settings = {
+        "ignore_index": 255, "boundary_width": 3, "boundary_ratio": None, "trimap_max_width": 10,
+        "boundary_convention": "neutral",
+    }
     table = None
     if args.job:
         from schemas.job import load_evaluation_spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.summary import print_job_summary
+from pipeline.core.boundary import CONVENTIONS
 from schemas.errors import SpecError
 from schemas.job import DEVICES, job_from_dict, load_job
 
@@ -52,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="boundary band width as this ratio of the scene diagonal (the paper's rule, for tile-sized images)",
     )
     p.add_argument("--trimap-max-width", type=int, help="trimap IoU for band widths 1..N px (default 10)")
+    p.add_argument(
+        "--boundary-convention", choices=CONVENTIONS,
+        help="boundary bands: ignored and nodata pixels are neutral (default), or, as in the reference implementation, "
+        "outside every class mask",
+    )
     p.add_argument("--out", help="output folder (default satseg-output)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -63,6 +69,7 @@ _FLAG_FIELDS = {
     "num_actors": "num_actors", "device": "device", "tta": "tta", "compile": "compile",
     "ignore_index": "ignore_index", "out": "out", "address": "address", "save_probabilities": "save_probabilities",
     "boundary_width": "boundary_width", "boundary_ratio": "boundary_ratio", "trimap_max_width": "trimap_max_width",
+    "boundary_convention": "boundary_convention",
 }
 
 

@@ -8,9 +8,22 @@ the scene edge counts as outside. For a class map that is, per pixel: the
 The trimap band of width w is the set of pixels within distance w of a true
 class boundary (a change of label; the scene edge is not a boundary).
 
-Pixels that are scored nowhere (truth or prediction is no class: nodata,
-``ignore_index``, a value outside the class list) are neutral in both maps:
-they neither make nor break a boundary, so unknown truth never moves a band.
+Boundary bands follow one of two conventions (``CONVENTIONS``):
+
+- ``"neutral"`` (satseg's default): pixels that are scored nowhere (truth or
+  prediction is no class: nodata, ``ignore_index``, a value outside the class
+  list) are neutral in both maps: they neither make nor break a boundary, so
+  unknown truth never moves a band.
+- ``"reference"``: the official implementation's rule (Cheng et al.'s
+  ``mask_to_boundary`` applied to each class's binary mask): a pixel that is no
+  class is simply outside every class mask, so a class region bordering an
+  ignored or nodata region has a boundary there, in each map by its own values.
+  As ``cv2.copyMakeBorder(..., 0)`` does, the scene edge is background.
+
+In both, the scene edge counts as outside (``OUTSIDE`` is a value of its own),
+and which pixels are counted is the same (``metrics.boundary_counts``: pixels
+where truth and prediction are classes, ARCHITECTURE.md invariant 5); only the
+bands differ. The trimap band always follows the neutral rule.
 
 Functions here work on a block padded by a halo of ``depth`` pixels on every
 side, where pixels beyond the scene edge hold ``OUTSIDE``, and answer for the
@@ -21,11 +34,17 @@ whole-scene computation.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 
 from schemas.errors import SpecError
+from schemas.job import ScoringSpec
 
-__all__ = ["OUTSIDE", "NOT_A_CLASS", "MAX_BAND_WIDTH", "boundary_width_for", "inner_band", "trimap_distance", "band_codes", "decode_codes"]
+__all__ = [
+    "OUTSIDE", "NOT_A_CLASS", "MAX_BAND_WIDTH", "CONVENTIONS", "boundary_width_for", "inner_band", "trimap_distance",
+    "band_codes", "decode_codes",
+]
 
 OUTSIDE = -2  # value of the halo beyond the scene edge
 NOT_A_CLASS = -1  # a truth pixel that is no class (nodata, ignore_index, a value outside the class list)
@@ -33,6 +52,7 @@ _LOW, _HIGH = np.iinfo(np.int16).min, np.iinfo(np.int16).max
 
 
 MAX_BAND_WIDTH = 256  # the halo every chunk reads; wider bands are meant for tile-sized images, not scenes
+CONVENTIONS = get_args(ScoringSpec.model_fields["boundary_convention"].annotation)  # ("neutral", "reference"), see above
 
 
 def boundary_width_for(height: int, width: int, *, pixels: int = 3, ratio: float | None = None) -> int:
@@ -59,15 +79,19 @@ def _grow(a: np.ndarray, op) -> np.ndarray:
     return out
 
 
-def inner_band(padded: np.ndarray, neutral: np.ndarray, width: int, depth: int) -> np.ndarray:
+def inner_band(padded: np.ndarray, neutral: np.ndarray | None, width: int, depth: int) -> np.ndarray:
     """Pixels of the block's centre within ``width`` of another (non-neutral) value or of the scene edge.
 
-    The (2 width + 1)^2 max and min filters are ``width`` 3x3 steps: on int16
-    blocks that is several times faster than scipy's filters, with the same result.
+    ``neutral`` None: no pixel is neutral. The (2 width + 1)^2 max and min
+    filters are ``width`` 3x3 steps: on int16 blocks that is several times
+    faster than scipy's filters, with the same result.
     """
     a = padded.astype(np.int16, copy=False)
-    high = np.where(neutral, _LOW, a)
-    low = np.where(neutral, _HIGH, a)
+    if neutral is None:
+        high = low = a  # _grow never writes into its argument
+    else:
+        high = np.where(neutral, _LOW, a)
+        low = np.where(neutral, _HIGH, a)
     for _ in range(width):
         high = _grow(high, np.maximum)
         low = _grow(low, np.minimum)
@@ -92,19 +116,26 @@ def trimap_distance(padded: np.ndarray, neutral: np.ndarray, max_width: int, dep
     return dist[depth : a.shape[0] - depth, depth : a.shape[1] - depth]
 
 
-def band_codes(truth: np.ndarray, pred: np.ndarray, *, width: int, trimap_max: int, depth: int) -> np.ndarray:
+def band_codes(
+    truth: np.ndarray, pred: np.ndarray, *, width: int, trimap_max: int, depth: int, convention: str = "neutral"
+) -> np.ndarray:
     """Per centre pixel, packed in uint16: truth band (bit 0), prediction band (bit 1), trimap distance (<< 2).
 
     ``truth`` and ``pred`` are padded blocks of class indices (-1: no class;
-    ``OUTSIDE`` beyond the scene). A pixel where either is no class is neutral in both.
+    ``OUTSIDE`` beyond the scene). ``convention`` "neutral": a pixel where
+    either is no class is neutral in both boundary bands; "reference": no
+    pixel is neutral, each band sees its own map's values (the trimap is neutral in both).
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown boundary convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     if width > depth or trimap_max > depth:
         raise ValueError(f"halo depth {depth} is smaller than the band width {max(width, trimap_max)}")
     if trimap_max >= 1 << 14:
         raise ValueError(f"trimap width {trimap_max} does not fit the 14 bits of the code")
     neutral = (truth == NOT_A_CLASS) | (pred == NOT_A_CLASS)
-    codes = inner_band(truth, neutral, width, depth).astype(np.uint16)
-    codes |= inner_band(pred, neutral, width, depth).astype(np.uint16) << 1
+    shaping = neutral if convention == "neutral" else None
+    codes = inner_band(truth, shaping, width, depth).astype(np.uint16)
+    codes |= inner_band(pred, shaping, width, depth).astype(np.uint16) << 1
     if trimap_max:
         codes |= trimap_distance(truth, neutral, trimap_max, depth) << 2
     return codes
