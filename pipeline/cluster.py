@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +59,24 @@ def _loopback_kept():
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+class _TokenAuthEnabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+@contextmanager
+def _quiet_about_token_auth():
+    """While a local instance starts, Ray's note that token authentication is on (the safe default) is not printed:
+    `satseg run` prints one summary, or one line on error. Its warning when authentication is off still shows."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    note = _TokenAuthEnabled()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
 def _joined_cluster() -> bool:
     """Whether the Ray this process is connected to is a cluster it joined, not a local instance it started.
 
@@ -102,7 +121,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
         with _loopback_kept():  # a head on 127.0.0.1 is reached at 127.0.0.1
             ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
         return True
-    with _loopback_kept():
+    with _loopback_kept(), _quiet_about_token_auth():
         ray.init(
             num_cpus=num_cpus,
             runtime_env={"env_vars": env_vars},

@@ -66,10 +66,15 @@ def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
         if not globs:
             continue
         files = ", ".join(_sql_text(g) for g in globs)
-        con.execute(  # partition values stay text: a job id of 12 digits is still an id, not a number
-            f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
-            "hive_types_autocast = false, union_by_name = true)"
-        )
+        try:
+            con.execute(  # partition values stay text: a job id of 12 digits is still an id, not a number
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+                "hive_types_autocast = false, union_by_name = true)"
+            )
+        except duckdb.Error as err:  # a file that is no Parquet (or a damaged one) among the reports
+            raise SpecError(
+                f"{reports}: a {table} report is unreadable ({first_line(err)[:300]}); remove or restore that file"
+            ) from None
         found += 1
     if not found:
         raise SpecError(f"{reports}: no report tables found; run a job with --out pointing here first")

@@ -8,6 +8,7 @@ exits with status 2.
 from __future__ import annotations
 
 import errno
+import unicodedata
 
 __all__ = [
     "SatsegError",
@@ -26,8 +27,20 @@ __all__ = [
 ]
 
 
+def _printable(text: str) -> str:
+    """``text`` with control, format and line-separator characters escaped as Python writes them (``\\n``,
+    ``\\u202e``): a path holding a newline or a right-to-left override stays one line and reads as it is."""
+    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else ascii(ch)[1:-1] for ch in text)
+
+
 class SatsegError(Exception):
-    """Raised for any problem the user can fix (bad file, bad spec, mismatch)."""
+    """Raised for any problem the user can fix (bad file, bad spec, mismatch).
+
+    Its text is one line whatever it quotes: control and format characters (in a file name, say) are escaped.
+    """
+
+    def __str__(self) -> str:
+        return _printable(super().__str__())
 
 
 class InputFileError(SatsegError, OSError):
@@ -73,6 +86,7 @@ _MACHINE_FIXES = {
     errno.EACCES: "check its permissions, or choose another path",
     errno.EPERM: "check its permissions, or choose another path",
     errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+    errno.ENAMETOOLONG: "a name in that path is longer than the file system allows (255 bytes); choose a shorter one",
 }
 
 

@@ -120,6 +120,8 @@ def replacing(path: Path, mode: str = "wb") -> Iterator:
     take a path). The one rule for atomic writes under an output folder.
     """
     path = Path(path)
+    if path.is_dir():  # a rename onto a folder fails only after the whole file is written
+        raise OutputConflictError(f"{path}: is a folder, not a file; give the path of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -141,7 +141,7 @@ def _opened(path: str, what: str):  # what: "open" or "read"
         detail = first_line(cause if cause is not None else err)[:200]
         if what == "open":
             raise InputFileError(f"{path}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)") from None
-        raise InputFileError(f"{path}: read failed ({detail}); check the file is complete") from None
+        raise InputFileError(f"{path}: read failed ({detail}); check the file, and any file it refers to, is complete") from None
 
 
 def open_scene(path: str | Path, *, role: str = "image") -> SceneInfo:
@@ -317,10 +317,20 @@ def read_image_window(
 
 
 def read_label_window(path: str, window: Window, band: int = 1) -> np.ndarray:
-    """Read a label window inside the scene as int64 (label nodata becomes -1)."""
+    """Read a label window inside the scene as int64 (label nodata becomes -1).
+
+    A float label is a label value only where it is a whole number: NaN (with or without a nodata value),
+    infinities and fractions such as 0.5 become -1 too, so they count nowhere rather than as a truncated class.
+    """
     with _opened(path, "read") as src:
         rw = RioWindow(window.col_off, window.row_off, window.width, window.height)
-        data = src.read(band, window=rw).astype(np.int64)
+        raw = src.read(band, window=rw)
         mask = src.read_masks(band, window=rw)
+    if raw.dtype.kind == "f":
+        whole = np.isfinite(raw) & (np.abs(raw) < 2.0**62)
+        whole[whole] = raw[whole] == np.round(raw[whole])
+        raw = np.where(whole, raw, 0)
+        mask = np.where(whole, mask, 0)
+    data = raw.astype(np.int64)
     data[mask == 0] = -1
     return data
