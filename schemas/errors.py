@@ -23,11 +23,12 @@ __all__ = [
     "MachineError",
     "user_error",
     "first_line",
+    "printable",
     "one_line",
 ]
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """``text`` with control, format and line-separator characters escaped as Python writes them (``\\n``,
     ``\\u202e``): a path holding a newline or a right-to-left override stays one line and reads as it is."""
     return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else ascii(ch)[1:-1] for ch in text)
@@ -40,7 +41,7 @@ class SatsegError(Exception):
     """
 
     def __str__(self) -> str:
-        return _printable(super().__str__())
+        return printable(super().__str__())
 
 
 class InputFileError(SatsegError, OSError):

@@ -10,14 +10,13 @@ validation message, is one `SpecError` line of bounded length that quotes at mos
 from __future__ import annotations
 
 import re
-import unicodedata
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 from yaml.events import AliasEvent
 
-from schemas.errors import SpecError
+from schemas.errors import SpecError, printable
 
 __all__ = [
     "SAFE_NAME",
@@ -69,9 +68,7 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
             text = _bounded_repr(value, limit * 4 + 16)
         except Exception:  # noqa: BLE001  (a repr that fails still gets named)
             text = f"<{type(value).__name__}>"
-    text = "".join(
-        ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else ascii(ch)[1:-1] for ch in text
-    )
+    text = printable(text)
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 

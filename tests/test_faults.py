@@ -1,4 +1,7 @@
-"""Faults: a model actor killed mid-job is restarted by Ray and the job still gives the same mask."""
+"""Fault injection on real Ray: actors, read workers and the driver killed, chunks damaged on disk.
+
+Each faulty run is compared bit for bit with a clean one. Slow as a whole: `make test-slow` runs it, and CI.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import zarr
 
 from pipeline.run import run_job
 from tests.test_pipeline import job, stored_mask
+
+pytestmark = pytest.mark.slow  # the fault-injection suite: make test-slow, and CI
 
 
 def _actor_pids() -> list[int]:
@@ -144,7 +149,6 @@ def _processes_under(folder: str) -> list[int]:
     return pids
 
 
-@pytest.mark.slow
 def test_a_driver_killed_mid_job_resumes_to_the_same_mask_computing_only_the_rest(ray_local, odd_scene, tmp_path):
     import shutil
     import subprocess
@@ -182,3 +186,46 @@ def test_a_driver_killed_mid_job_resumes_to_the_same_mask_computing_only_the_res
     again = run_job(spec, show_progress=False)
     assert np.array_equal(stored_mask(again), reference)
     assert 3 <= again.scenes[0].chunks_resumed <= marked  # only the chunks not written before the kill are computed
+
+
+def _task_pids(name: bytes) -> list[int]:
+    """Ray workers running the task ``name`` right now (a worker names its process after the task it runs)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::" + name):
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_read_tasks_worker_killed_mid_read_is_retried_and_the_mask_is_unchanged(ray_local, tmp_path):
+    """The worker process reading a window dies (SIGKILL): Ray retries the read elsewhere, the job never notices."""
+    from pipeline.synthetic import write_synthetic_scene
+    from schemas.job import job_from_dict
+
+    scene = write_synthetic_scene(tmp_path / "big", "big", 1536, 1536, seed=4)  # reads of a few tenths of a second
+
+    def spec(out: str):
+        return job_from_dict({"scenes": [{"image": str(scene.image), "name": "big"}], "model": "pixel_linear",
+                              "classes": ["a", "b", "c", "d", "e"], "tile_size": 256, "overlap": 32, "chunk_size": 512,
+                              "num_actors": 1, "max_windows_in_flight": 2, "out": str(tmp_path / out)})
+
+    def mask(result) -> np.ndarray:
+        return zarr.open_array(str(result.layout.mask_store("big")), path="mask", mode="r")[:]
+
+    reference = mask(run_job(spec("ref"), show_progress=False))
+    worker, outcome = _run_in_thread(spec("faulty"))
+    killed: list[int] = []
+    while worker.is_alive() and not killed:
+        for pid in _task_pids(b"read_window_task"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.002)
+    worker.join(timeout=300)
+    assert killed, "no read was caught running"
+    assert "error" not in outcome, outcome.get("error")
+    assert np.array_equal(mask(outcome["result"]), reference)

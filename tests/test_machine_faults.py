@@ -47,6 +47,7 @@ def _mask(out: Path) -> np.ndarray:
     return zarr.open_array(str(OutputLayout(out).mask_store("odd")), path="mask", mode="r")[:]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_job_resumes_once_there_is_room(capsys, tmp_path, odd_scene, ray_local, small_disk):
     out = small_disk / "out"
     job = _job_file(tmp_path, odd_scene, out)

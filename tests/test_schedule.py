@@ -259,6 +259,7 @@ def test_previous_and_next_ticks_follow_the_cron_in_its_time_zone():
     assert next_tick(spec, summer) == datetime(2026, 7, 2, 0, 0, tzinfo=timezone.utc)  # CEST, UTC+2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_the_loop_shuts_down_cleanly_on_a_signal(site, sig):
     path = write_schedule(site, cron="0 0 1 1 *")  # next tick months away: the scheduler sleeps
