@@ -121,6 +121,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
         with _loopback_kept():  # a head on 127.0.0.1 is reached at 127.0.0.1
             ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
         return True
+    _start_reaper()  # before ray.init: it watches every process the local instance will start
     with _loopback_kept(), _quiet_about_token_auth():
         ray.init(
             num_cpus=num_cpus,
@@ -131,3 +132,64 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
             _node_ip_address="127.0.0.1",
         )
     return False
+
+
+# The reaper, run as `python -c _REAPER DRIVER_PID`: while the driver lives it notes the driver's descendants
+# (with their start times, so a reused PID is never taken for one); once the driver is gone, however it ended,
+# it ends those still running, politely first. Linux only (/proc); elsewhere it exits at once.
+_REAPER = """
+import os, signal, sys, time
+driver, me = int(sys.argv[1]), os.getpid()
+
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+def descendants():
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    tree, grew = {driver}, True
+    while grew:
+        more = {p for p, q in parents.items() if q in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return {p: started(p) for p in tree - {driver, me}}
+
+if not os.path.isdir("/proc"):
+    sys.exit(0)
+seen, birth = {}, started(driver)
+while started(driver) == birth and birth is not None:
+    seen.update(descendants())
+    time.sleep(0.5)
+for sig, pause in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0)):
+    for pid, when in seen.items():
+        if when is not None and started(pid) == when:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    time.sleep(pause)
+"""
+
+
+def _start_reaper() -> None:
+    """Start the reaper of this driver's local Ray instance: Ray's processes end with the driver, even on SIGKILL.
+
+    (Left alone, Ray's agents outlive a killed driver for a minute or more.)
+    """
+    import subprocess
+    import sys
+
+    subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+    )

@@ -136,16 +136,21 @@ run_job(JobSpec.model_validate_json(sys.argv[1]), show_progress=False)
 
 
 def _processes_under(folder: str) -> list[int]:
-    """PIDs whose command line names ``folder`` (the Ray instance a test started there)."""
+    """PIDs whose command line names ``folder``, or that hold a file open in it: the Ray instance a test started
+    there (Ray's agents rename their process, but keep their logs open in the session folder)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if folder.encode() in f.read():
-                        pids.append(int(d))
+                    named = folder.encode() in f.read()
+                held = named or any(
+                    os.readlink(f"/proc/{d}/fd/{fd}").startswith(folder) for fd in os.listdir(f"/proc/{d}/fd")
+                )
             except OSError:
-                pass
+                continue
+            if held:
+                pids.append(int(d))
     return pids
 
 
@@ -175,13 +180,19 @@ def test_a_driver_killed_mid_job_resumes_to_the_same_mask_computing_only_the_res
         assert driver.poll() is None, "the driver ended before it could be killed"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+        # satseg's reaper ends the killed driver's Ray processes (left alone, they would live on for a minute)
+        deadline = time.time() + 20
+        while _processes_under(ray_tmp) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _processes_under(ray_tmp)
     finally:
-        for pid in _processes_under(ray_tmp):  # its Ray processes, which outlive a killed driver for a while
+        for pid in _processes_under(ray_tmp):  # only if the reaper failed: ours to end, by PID
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, f"Ray processes of the killed driver still running: {left}"
     marked = chunks_marked(layout, "odd")
     again = run_job(spec, show_progress=False)
     assert np.array_equal(stored_mask(again), reference)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pipeline.cli import main
 from pipeline.core.geometry import ChunkGrid
 from pipeline.run import run_job
 from pipeline.job_folder import DONE, FAILED, PENDING, RUNNING, SceneState, job_states, model_key, write_scene_state
-from schemas.errors import one_line
+from schemas.errors import MachineError, one_line, user_error
 from pipeline.synthetic import write_synthetic_scene
 from schemas.errors import InputFileError, ScenesFailedError
 from schemas.job import job_from_dict
@@ -85,6 +86,27 @@ def test_one_line_unwraps_a_ray_task_error(ray_local):
     assert one_line(caught.value) == "x.tif: read failed (truncated); check the file is complete"
     assert one_line(ValueError("first\nsecond")) == "ValueError: first"
     assert one_line(KeyboardInterrupt()).startswith("interrupted")
+
+
+@pytest.mark.parametrize(
+    ("number", "says"),
+    [(errno.EACCES, "permissions"), (errno.EPERM, "permissions"), (errno.ENOSPC, "free some space"),
+     (errno.EROFS, "writable --out"), (errno.ENAMETOOLONG, "shorter"), (errno.EDQUOT, "quota")],
+)
+def test_a_machine_failure_inside_a_ray_task_is_one_line(ray_local, number, says):
+    """What the disk or the permissions refuse, even deep in a Ray worker, is a user error: one line with a fix.
+
+    (Permissions cannot be refused to root, which runs these tests, so the worker raises the error itself.)
+    """
+    @ray_local.remote(max_retries=0)
+    def write():
+        raise OSError(number, os.strerror(number), "/out/masks/s.zarr/mask/c/0/0")
+
+    with pytest.raises(Exception) as caught:
+        ray_local.get(write.remote())
+    assert isinstance(user_error(caught.value), MachineError)
+    line = one_line(caught.value)
+    assert line.startswith("/out/masks/s.zarr/mask/c/0/0: ") and says in line and "\n" not in line
 
 
 def test_run_job_marks_a_failing_scene_failed_and_a_rerun_finishes(ray_local, tmp_path, capsys):
