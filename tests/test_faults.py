@@ -20,17 +20,32 @@ from tests.test_pipeline import job, stored_mask
 pytestmark = pytest.mark.slow  # the fault-injection suite: make test-slow, and CI
 
 
-def _actor_pids() -> list[int]:
+def _ray_pids(name: bytes) -> list[int]:
+    """Ray workers running ``name`` now, an actor class or a task (a worker names its process after what it runs)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::TilePredictor"):
+                    if f.read().startswith(b"ray::" + name):
                         pids.append(int(d))
             except OSError:
                 pass
     return pids
+
+
+def _kill_once(worker: threading.Thread, name: bytes, ready=lambda: True, pause: float = 0.05) -> list[int]:
+    """While the job thread runs: once ``ready()``, SIGKILL every worker running ``name``; the PIDs killed."""
+    killed: list[int] = []
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed and worker.is_alive():
+        if ready():
+            for pid in _ray_pids(name):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(pause)
+    worker.join(timeout=300)
+    return killed
 
 
 def _run_in_thread(spec) -> tuple[threading.Thread, dict]:
@@ -53,15 +68,7 @@ def test_killed_actor_is_restarted_and_mask_is_unchanged(ray_local, odd_scene, t
     spec = job(odd_scene, tmp_path / "faulty", chunk_size=64, max_windows_in_flight=1)
     markers = tmp_path / "faulty" / "state" / "odd" / "chunks"
     worker, outcome = _run_in_thread(spec)
-    deadline = time.time() + 120
-    killed = []
-    while time.time() < deadline and not killed and worker.is_alive():
-        if markers.is_dir() and len(list(markers.iterdir())) >= 3:
-            for pid in _actor_pids():  # actors this test's job started
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        time.sleep(0.05)
-    worker.join(timeout=300)
+    killed = _kill_once(worker, b"TilePredictor", lambda: markers.is_dir() and len(list(markers.iterdir())) >= 3)
     assert killed, "the job finished before an actor could be killed"
     assert "error" not in outcome, outcome.get("error")
     assert np.array_equal(stored_mask(outcome["result"]), reference)
@@ -91,7 +98,7 @@ def test_an_actor_dead_beyond_its_restarts_is_one_line_and_a_rerun_recomputes_on
     deadline = time.time() + 240
     while time.time() < deadline and worker.is_alive():
         if chunks_marked(layout, "odd") >= 2:
-            for pid in set(_actor_pids()) - killed:  # each restart is a new process: kill it too
+            for pid in set(_ray_pids(b"TilePredictor")) - killed:  # each restart is a new process: kill it too
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
         time.sleep(0.05)
@@ -199,20 +206,6 @@ def test_a_driver_killed_mid_job_resumes_to_the_same_mask_computing_only_the_res
     assert 3 <= again.scenes[0].chunks_resumed <= marked  # only the chunks not written before the kill are computed
 
 
-def _task_pids(name: bytes) -> list[int]:
-    """Ray workers running the task ``name`` right now (a worker names its process after the task it runs)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::" + name):
-                        pids.append(int(d))
-            except OSError:
-                pass
-    return pids
-
-
 def test_a_read_tasks_worker_killed_mid_read_is_retried_and_the_mask_is_unchanged(ray_local, tmp_path):
     """The worker process reading a window dies (SIGKILL): Ray retries the read elsewhere, the job never notices."""
     from pipeline.synthetic import write_synthetic_scene
@@ -230,13 +223,7 @@ def test_a_read_tasks_worker_killed_mid_read_is_retried_and_the_mask_is_unchange
 
     reference = mask(run_job(spec("ref"), show_progress=False))
     worker, outcome = _run_in_thread(spec("faulty"))
-    killed: list[int] = []
-    while worker.is_alive() and not killed:
-        for pid in _task_pids(b"read_window_task"):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        time.sleep(0.002)
-    worker.join(timeout=300)
+    killed = _kill_once(worker, b"read_window_task", pause=0.002)
     assert killed, "no read was caught running"
     assert "error" not in outcome, outcome.get("error")
     assert np.array_equal(mask(outcome["result"]), reference)
