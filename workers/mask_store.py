@@ -192,10 +192,14 @@ def intact_chunks(store: Path, markers: Path, windows: dict[str, Window]) -> set
     A chunk file truncated or changed on disk after its marker was written reads back differently, or not at all:
     its marker is removed, and the chunk is computed again. A marker without a checksum is trusted.
     """
-    if not markers.is_dir():
+    if not markers.is_dir() or not any(markers.iterdir()):
         return set()
-    mask = zarr.open_array(str(store), path=MASK, mode="r")
-    probabilities = zarr.open_array(str(store), path=PROBABILITIES, mode="r") if is_zarr_node(store / PROBABILITIES) else None
+    try:
+        mask = zarr.open_array(str(store), path=MASK, mode="r")
+        probabilities = zarr.open_array(str(store), path=PROBABILITIES, mode="r") if is_zarr_node(store / PROBABILITIES) else None
+    except Exception:  # noqa: BLE001  (a store cut short while being created holds nothing to keep)
+        log.warning("%s: cannot be opened; its chunks are computed again", store)
+        return set()
     intact = set()
     for marker in markers.iterdir():
         win = windows.get(marker.name)
