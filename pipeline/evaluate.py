@@ -24,12 +24,11 @@ from pipeline.core.geometry import ChunkGrid
 from pipeline.report_tables import write_scene_reports
 from schemas.errors import InputFileError, MismatchError, SpecError
 from schemas.store import OutputLayout, is_zarr_node
-from workers.mask_store import MASK, is_mask_store, open_mask_store, zarr_georeference, zarr_mask
+from workers.mask_store import MASK, NO_TRANSFORM, is_mask_store, open_mask_store, zarr_georeference, zarr_mask
 from workers.reader import SceneInfo, grid_difference, open_scene
 
 __all__ = ["Evaluation", "ClassTable", "parse_classes", "evaluate_mask"]
 
-_NO_TRANSFORM = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # a raster without CRS: pixel units, north up
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def _open_zarr(path: Path, role: str) -> _Raster:
     attrs = dict(arr.attrs)
     crs, transform = zarr_georeference(path, name)
     crs = crs.to_wkt() if crs else None
-    info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform if crs else _NO_TRANSFORM, None)
+    info = SceneInfo(str(path), arr.shape[0], arr.shape[1], 1, str(arr.dtype), crs, transform if crs else NO_TRANSFORM, None)
     nodata = attrs.get("nodata", attrs.get("_FillValue"))
     if not isinstance(nodata, (int, float)) or (isinstance(nodata, float) and np.isnan(nodata)):
         nodata = None

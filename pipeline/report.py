@@ -245,11 +245,11 @@ def _overlay_source(store: Path, display_side: int):
     import zarr
 
     from pipeline.overviews import OverviewLevel, level_for_size, read_overview_levels
-    from workers.mask_store import is_mask_store, zarr_mask
+    from workers.mask_store import NO_TRANSFORM, is_mask_store, zarr_mask
 
     if not is_mask_store(store):  # a foreign Zarr mask (`satseg evaluate`): no overviews
         arr = zarr_mask(store)[0]
-        return arr, OverviewLevel(0, "", tuple(arr.shape), 1, (1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+        return arr, OverviewLevel(0, "", tuple(arr.shape), 1, NO_TRANSFORM)
     level = level_for_size(read_overview_levels(store), display_side)
     return zarr.open_array(str(store), path=level.path, mode="r"), level
 

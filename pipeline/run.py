@@ -413,7 +413,8 @@ def _scene_row(
     Work and throughput count only what this run computed: chunks resumed from an earlier run are counted apart.
     """
     spec, model, info = job.spec, job.model, scene.info
-    mpx = sum(plan.grid.window(r, c).height * plan.grid.window(r, c).width for r, c in plan.grid if (r, c) not in resumed) / 1e6
+    computed = (plan.grid.window(r, c) for r, c in plan.grid if (r, c) not in resumed)
+    mpx = sum(w.height * w.width for w in computed) / 1e6
     return {
         "scene": scene.name,
         "image": str(scene.spec.image),

@@ -113,15 +113,10 @@ class ScheduleLayout:
 
 
 @contextmanager
-def replacing(path: Path, mode: str = "wb") -> Iterator:
-    """Write ``path`` whole or not at all: a temporary file beside it, renamed over it on success, removed on failure.
-
-    Yields an open file (``mode``), or the temporary path itself when ``mode`` is ``"path"`` (for writers that
-    take a path). The one rule for atomic writes under an output folder.
-    """
+def _written_beside(path: Path, mode: str, publish) -> Iterator:
+    """A temporary file beside ``path`` (an open file in ``mode``, or its path for ``"path"``); once written whole,
+    ``publish(tmp, path)`` gives it its name. The temporary name never outlives the call."""
     path = Path(path)
-    if path.is_dir():  # a rename onto a folder fails only after the whole file is written
-        raise OutputConflictError(f"{path}: is a folder, not a file; give the path of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -132,10 +127,22 @@ def replacing(path: Path, mode: str = "wb") -> Iterator:
             with os.fdopen(fd, mode) as f:
                 yield f
         os.chmod(tmp, 0o644)  # as a plain open() would leave it, not mkstemp's 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        publish(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone after a rename; the second name after a link
+
+
+@contextmanager
+def replacing(path: Path, mode: str = "wb") -> Iterator:
+    """Write ``path`` whole or not at all: a temporary file beside it, renamed over it on success, removed on failure.
+
+    Yields an open file (``mode``), or the temporary path itself when ``mode`` is ``"path"`` (for writers that
+    take a path). The one rule for atomic writes under an output folder.
+    """
+    if Path(path).is_dir():  # a rename onto a folder fails only after the whole file is written
+        raise OutputConflictError(f"{path}: is a folder, not a file; give the path of the file to write")
+    with _written_beside(path, mode, os.replace) as f:
+        yield f
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -149,16 +156,15 @@ def create_whole(path: Path, text: str) -> bool:
 
     The text goes to a temporary file first, which is hard-linked to ``path`` (a link fails on an existing name).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    created = []
+
+    def link(tmp: str, target: Path) -> None:
+        try:
+            os.link(tmp, target)
+            created.append(target)
+        except FileExistsError:
+            pass  # another caller came first
+
+    with _written_beside(path, "w", link) as f:
+        f.write(text)
+    return bool(created)

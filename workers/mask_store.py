@@ -39,6 +39,7 @@ from workers.reader import SceneInfo
 __all__ = [
     "MASK",
     "PROBABILITIES",
+    "NO_TRANSFORM",
     "MaskStore",
     "create_mask_store",
     "create_level_array",
@@ -60,6 +61,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MASK, PROBABILITIES = "mask", "probabilities"
+NO_TRANSFORM = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+"""The affine transform of a raster without georeference: pixel units, north up."""
 _COMPLETE, _JOB = "satseg_complete", "satseg_job_id"
 
 
@@ -153,22 +156,22 @@ def mark_complete(store: Path) -> None:
     consolidate(store)
 
 
-def is_complete(store: Path) -> bool:
-    """Whether ``store`` is a satseg mask store marked complete (the array's own metadata, not the consolidated copy)."""
+def _mask_attributes(store: Path) -> dict:
+    """The ``mask`` array's own attributes (not the consolidated copy); empty when there is no readable mask."""
     try:
-        attrs = json.loads((Path(store) / MASK / "zarr.json").read_text()).get("attributes") or {}
+        return json.loads((Path(store) / MASK / "zarr.json").read_text()).get("attributes") or {}
     except (OSError, ValueError):
-        return False
-    return attrs.get(_COMPLETE) is True
+        return {}
+
+
+def is_complete(store: Path) -> bool:
+    """Whether ``store`` is a satseg mask store marked complete."""
+    return _mask_attributes(store).get(_COMPLETE) is True
 
 
 def is_mask_store(path: Path) -> bool:
     """Whether ``path`` is a store a satseg job made (finished or not), as opposed to any other Zarr."""
-    try:
-        attrs = json.loads((Path(path) / MASK / "zarr.json").read_text()).get("attributes") or {}
-    except (OSError, ValueError):
-        return False
-    return attrs.get(_JOB) is not None
+    return _mask_attributes(path).get(_JOB) is not None
 
 
 def chunk_digest(mask: np.ndarray, probabilities: np.ndarray | None = None) -> str:
@@ -250,7 +253,7 @@ def open_mask_store(store: str | Path, *, then: str) -> MaskStore:
         names = json.loads(names)
     crs, transform = zarr_georeference(store, MASK)
     return MaskStore(
-        store, arr, list(names), crs, transform or (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), str(arr.attrs.get(_JOB)),
+        store, arr, list(names), crs, transform or NO_TRANSFORM, str(arr.attrs.get(_JOB)),
         is_zarr_node(store / PROBABILITIES),
     )
 
