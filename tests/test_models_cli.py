@@ -109,3 +109,42 @@ def test_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
     assert exited.value.code == 0 and f"usage: satseg {command}" in capsys.readouterr().out
+
+
+def test_the_table_satseg_models_reads_equals_a_fresh_measurement_of_every_model():
+    """The table is measured, not quoted: it lists exactly the registered models, each as `model_costs` measures it now.
+
+    (After adding or changing a model: ``python -c "from workers.models.costs import write_table; write_table()"``.)
+    """
+    from workers.model_table import TABLE_TILE, read_table, tabled_costs
+
+    table = read_table()
+    assert sorted(table) == list_models(), "the model table is stale: rewrite it with workers.models.costs.write_table()"
+    for row in tabled_costs(3, 19, table):
+        measured = model_costs(row.name, 3, 19, TABLE_TILE)
+        assert (row.parameters, row.output_stride, row.whole_tile_context) == (
+            measured.parameters, measured.output_stride, measured.whole_tile_context,
+        ), row.name
+        assert row.gflops_per_megapixel == pytest.approx(measured.gflops_per_megapixel, rel=1e-12), row.name
+
+
+@pytest.mark.parametrize(("bands", "classes"), [(13, 7), (4, 2), (1, 40)])
+def test_the_table_gives_exact_costs_for_any_band_and_class_count(bands, classes):
+    """Parameters and FLOPs are bilinear in bands and classes: four tabled corners give any count exactly."""
+    from workers.model_table import TABLE_TILE, tabled_costs
+
+    rows = {row.name: row for row in tabled_costs(bands, classes)}
+    for name in ("hrnet_w18_small_v1", "pixel_linear", "deeplabv3plus_resnet50"):
+        measured = model_costs(name, bands, classes, TABLE_TILE)
+        assert rows[name].parameters == measured.parameters, name
+        assert rows[name].gflops_per_megapixel == pytest.approx(measured.gflops_per_megapixel, rel=1e-12), name
+
+
+def test_satseg_models_answers_without_importing_torch():
+    """`satseg models` reads the table: no model is built and torch is never imported (it answers in a fraction of a second)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pipeline.cli import main; main(['models', '--format', 'csv']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "False" and len(out) == 2 + len(list_models())

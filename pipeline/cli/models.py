@@ -18,18 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pipeline.query import format_rows
     from schemas.errors import SpecError
-    from workers.models import list_models
-    from workers.models.costs import model_costs
+    from workers.model_table import tabled_costs
 
     for flag, value in (("--bands", args.bands), ("--classes", args.classes)):
         if value < 1:
             raise SpecError(f"{flag} must be a positive integer, got {value}")
     readable = args.format == "table"
     rows = []
-    for name in list_models():
-        costs = model_costs(name, args.bands, args.classes)
+    for costs in tabled_costs(args.bands, args.classes):  # measured once per model, read without torch
         rows.append((
-            name,
+            costs.name,
             f"{costs.parameters:,}" if readable else costs.parameters,
             f"{costs.gflops_per_megapixel:.1f}" if readable else costs.gflops_per_megapixel,
             costs.output_stride,
