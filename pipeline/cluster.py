@@ -77,6 +77,13 @@ def _quiet_about_token_auth():
         logger.removeFilter(note)
 
 
+def _ray_logs_to_root() -> None:
+    """Ray's driver-side records go to the root logger's handlers: `pipeline.logs` decides where (Ray's warnings to the
+    log file, not the terminal), and a library user's logging setup applies. Ray's own ``ray`` handler otherwise prints
+    to stderr; with ``configure_logging=False`` ``ray.init`` drops it, and records propagate up from then on."""
+    logging.getLogger("ray").propagate = True
+
+
 def _joined_cluster() -> bool:
     """Whether the Ray this process is connected to is a cluster it joined, not a local instance it started.
 
@@ -118,16 +125,18 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
         runtime_env = {"env_vars": env_vars}
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job's driver: the job already ships the code
             runtime_env.update(code_runtime_env())
-        with _loopback_kept():  # a head on 127.0.0.1 is reached at 127.0.0.1
-            ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
+        _ray_logs_to_root()
+        with _loopback_kept(), _quiet_about_token_auth():  # a head on 127.0.0.1 is reached at 127.0.0.1
+            ray.init(address=address, runtime_env=runtime_env, configure_logging=False, log_to_driver=False)
         return True
     _start_reaper()  # before ray.init: it watches every process the local instance will start
+    _ray_logs_to_root()
     with _loopback_kept(), _quiet_about_token_auth():
         ray.init(
             num_cpus=num_cpus,
             runtime_env={"env_vars": env_vars},
             include_dashboard=False,
-            logging_level="WARNING",
+            configure_logging=False,
             log_to_driver=False,
             _node_ip_address="127.0.0.1",
         )

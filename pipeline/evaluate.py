@@ -1,8 +1,10 @@
 """Evaluating an existing mask against labels, with Dask: any pair of GeoTIFFs or Zarr arrays.
 
-A satseg mask store holds class indices (and maybe probabilities). Any other
-prediction (a GeoTIFF, a foreign Zarr array) holds label values, mapped to
-classes by the same value -> class table as the labels.
+A satseg mask store, and a COG exported from one, hold class indices and
+carry their class names, which name the classes when no --classes or --job is
+given (and must agree with them when given); a store also carries its
+probabilities. Any other prediction (a GeoTIFF, a foreign Zarr array) holds
+label values, mapped to classes by the same value -> class table as the labels.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pipeline.core.boundary import boundary_width_for
 from pipeline.counting import Raster, chunk_counts, geotiff_raster, mask_raster, probabilities_raster, zarr_raster
 from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
 from pipeline.core.geometry import ChunkGrid
+from pipeline.cog import cog_classes
 from pipeline.report_tables import write_scene_reports
 from schemas.errors import InputFileError, MismatchError, SpecError
+from schemas.rasters import RemotePath, raster_path
 from schemas.store import OutputLayout, is_zarr_node
 from workers.mask_store import MASK, NO_TRANSFORM, is_mask_store, open_mask_store, zarr_georeference, zarr_mask
 from workers.reader import SceneInfo, grid_difference, open_scene
@@ -100,11 +104,12 @@ def _open_zarr(path: Path, role: str) -> _Raster:
     return _Raster(path, zarr_raster(path, name or "", nodata), info, None, None, crs is not None)
 
 
-def _open_raster(path: Path, role: str, chunk: int) -> _Raster:
-    if is_zarr_node(path):
+def _open_raster(path: Path | RemotePath, role: str, chunk: int) -> _Raster:
+    if isinstance(path, Path) and is_zarr_node(path):
         return _open_zarr(path, role)
     info = open_scene(path, role=role)  # a missing or unreadable file: one line
-    return _Raster(path, geotiff_raster(path, (info.height, info.width), chunk), info)
+    satseg = cog_classes(path) if role == "prediction" else None  # a COG `satseg export --cog` wrote: class indices
+    return _Raster(path, geotiff_raster(path, (info.height, info.width), chunk), info, satseg[0] if satseg else None)
 
 
 def _check_same_grid(pred: _Raster, labels: _Raster) -> None:
@@ -129,7 +134,7 @@ def evaluate_mask(
     boundary_convention: str = "neutral",
 ) -> Evaluation:
     """Metrics of ``pred`` against ``labels``; with ``out``, the reports are written there too."""
-    pred, labels = Path(pred), Path(labels)
+    pred, labels = Path(pred), raster_path(labels)  # labels may be remote or virtual (s3://, https://, /vsi*/), kept as given
     t0 = time.perf_counter()
     if not pred.exists():
         raise InputFileError(f"{pred}: prediction not found; give a mask (.zarr store or array, or a GeoTIFF)")
@@ -162,7 +167,7 @@ def evaluate_mask(
             boundary_convention=boundary_convention,
         )
     scores = scene_scores(counts.total_confusion, counts.total_boundary, counts.trimap, counts.histograms)
-    key = f"{pred.resolve()}|{labels.resolve()}|{table}|{ignore_index}|{width}|{trimap_max_width}"
+    key = f"{pred.resolve()}|{labels if isinstance(labels, RemotePath) else labels.resolve()}|{table}|{ignore_index}|{width}|{trimap_max_width}"
     if boundary_convention != "neutral":  # neutral keeps the ids it always had
         key += f"|{boundary_convention}"
     job_id = "eval-" + hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -52,11 +52,16 @@ PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 _STATUSES = (PENDING, RUNNING, DONE, FAILED)
 
 
-def model_key(checkpoint_sha256: str | None, model: str | None, options: dict | None = None, seed: int = 0) -> str:
-    """What identifies the model a scene was run with: the checkpoint's content hash, else name, options and seed."""
+def model_key(
+    checkpoint_sha256: str | None, model: str | None, options: dict | None = None, seed: int = 0,
+    init_sha256: str | None = None,
+) -> str:
+    """What identifies the model a scene was run with: the checkpoint's content hash, else name, options and seed
+    (and the content hash of the `init` weights it started from, when it had them)."""
     if checkpoint_sha256:
         return f"sha256:{checkpoint_sha256}"
-    blob = json.dumps({"options": options or {}, "seed": seed}, sort_keys=True).encode()
+    identity = {"options": options or {}, "seed": seed} | ({"init": init_sha256} if init_sha256 else {})
+    blob = json.dumps(identity, sort_keys=True).encode()
     return f"model:{model}:{hashlib.sha256(blob).hexdigest()[:12]}"
 
 

@@ -1,4 +1,7 @@
-"""Progress display for long work (rich on a terminal; silent when disabled)."""
+"""Progress display for long work (rich on a terminal; silent when disabled).
+
+A task may carry a ``unit`` ("560/560 tiles, 12.5 tiles/s") and a ``detail`` ("chunks 3/40") as fields.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,15 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 __all__ = ["progress_bar", "console"]
 
 console = Console(stderr=True)
+
+_LOG_WIDTH = 120
+"""Columns of the display when stderr is no terminal (a log file): wide enough for every column."""
 
 
 class _Silent:
@@ -24,6 +31,24 @@ class _Silent:
         pass
 
 
+class _CountColumn(ProgressColumn):
+    """"560/1200 tiles 12.5 tiles/s": the count, and the rate over rich's recent samples once there is one."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        text = f"{task.completed:.0f}/{total}" + (f" {unit}" if unit else "")
+        speed = task.finished_speed or task.speed
+        if unit and speed is not None:
+            text += f" {speed:.3g} {unit}/s"
+        return Text(text, style="progress.download")
+
+
+class _DetailColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("detail", "")), style="progress.description")
+
+
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Progress | _Silent]:
     """A progress display on stderr, or a silent stand-in when ``enabled`` is False."""
@@ -32,10 +57,13 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress | _Silent]:
         return
     columns = (
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
+        BarColumn(bar_width=24),
+        _CountColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
         TimeRemainingColumn(),
+        _DetailColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    shown = console if console.is_terminal else Console(stderr=True, width=_LOG_WIDTH)
+    with Progress(*columns, console=shown, transient=False) as progress:
         yield progress

@@ -166,9 +166,13 @@ def read_mask_raster(path: str | Path, out_shape: tuple[int, int], window: Windo
     return np.where(valid & (raw >= 0) & (raw < MASK_NODATA), raw, MASK_NODATA).astype(np.uint8)
 
 
-def mask_rgb(mask: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class colours of a mask: uint8 (h, w, 3) and where it holds a class."""
-    colours = class_colours(num_classes)
+def mask_rgb(mask: np.ndarray, classes: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class colours of a mask: uint8 (h, w, 3) and where it holds a class.
+
+    ``classes``: the class colours, (C, 3) uint8 (`pipeline.palette.mask_colours`), or the class count for the defaults.
+    """
+    colours = class_colours(classes) if isinstance(classes, int) else np.asarray(classes, dtype=np.uint8)
+    num_classes = len(colours)
     has = mask < num_classes
     rgb = np.zeros((*mask.shape, 3), dtype=np.uint8)
     rgb[has] = colours[mask[has]]

@@ -1,17 +1,22 @@
 """`satseg report`: one self-contained HTML page of a run, readable offline.
 
-Reads the run's Parquet reports (tiles, classes, scenes, curves,
-aggregates), its mask stores and the scenes' rasters, and writes a page
-with, per scene: a quicklook (image, mask overlay, TP/FP/FN error maps),
-the row-normalised confusion matrix, per-class IoU/Dice/boundary IoU bars,
-PR curves, the trimap curve and the worst tiles by IoU; and for the run:
-throughput and micro/macro aggregates. Every image is an embedded PNG data
-URI; no CSS, script or font comes from elsewhere.
+Reads the run's Parquet reports (classes, scenes, curves, aggregates), its
+mask stores, the scenes' rasters and its checkpoint, and writes a page with,
+per scene: image, labels, prediction and errors side by side (same extent,
+same samples, one legend), TP/FP/FN maps per class, the confusion matrix in
+percent of each true class, per-class IoU/Dice/boundary IoU bars, PR curves
+(with a view zoomed on where they bend), the trimap curve, and the worst
+tiles: the job's tile-size windows with the most wrong pixels, counted at
+full resolution; and for the run: throughput, micro/macro aggregates and
+the checkpoint's training curves. Every image is an embedded PNG data URI;
+no CSS, script or font comes from elsewhere. `pipeline.report_compare`
+puts two runs on one page.
 
-Rasters are only read decimated (see :mod:`pipeline.quicklook`), so the
-report of a scene of any size needs memory for a few small views. A metric
-the run did not compute (no labels, no saved probabilities, reports older
-than schema 2) gets a one-line "not computed" note instead of its plot.
+Views are read decimated (see :mod:`pipeline.quicklook`) and the worst-tile
+count reads a bounded block at a time, so a report of a scene of any size
+needs little memory. A metric the run did not compute (no labels, no saved
+probabilities, reports older than schema 2) gets a one-line "not computed"
+note instead of its plot.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.core.geometry import Window
-from pipeline.core.metrics import MASK_NODATA
-from pipeline.palette import class_colours
+from pipeline.core.metrics import MASK_NODATA, confusion_matrix, segmentation_metrics
+from pipeline.palette import mask_colours
 from pipeline.quicklook import (
     FN_COLOUR,
     FP_COLOUR,
@@ -43,16 +48,16 @@ from pipeline.quicklook import (
     error_rgb,
     label_lookup,
     mask_rgb,
-    overlay,
     read_image_rgb,
     read_labels,
     read_mask_raster,
     read_mask_samples,
     sample_positions,
 )
-from pipeline.report_figures import class_bars_png, confusion_png, png, pr_curves_png, trimap_png
+from pipeline.report_figures import class_bars_png, confusion_png, png, pr_curves_png, pr_zoom, training_png, trimap_png
+from pipeline.report_objects import objects_section
 from pipeline.job_folder import read_job_record
-from schemas.errors import InputFileError, SpecError
+from schemas.errors import CheckpointError, InputFileError, SpecError
 from schemas.store import OutputLayout, replacing
 
 __all__ = ["SECTIONS", "RUN_SECTIONS", "QUICKLOOK_SIDE", "WORST_TILES", "RunTables", "load_run", "render_report", "write_report"]
@@ -60,27 +65,30 @@ __all__ = ["SECTIONS", "RUN_SECTIONS", "QUICKLOOK_SIDE", "WORST_TILES", "RunTabl
 SECTIONS = ("quicklook", "metrics", "confusion", "class-metrics", "pr-curves", "trimap", "worst-tiles")
 """Sections every scene gets (``data-section`` attribute), in page order."""
 
-RUN_SECTIONS = ("throughput", "aggregates")
+RUN_SECTIONS = ("throughput", "aggregates", "training")
 """Sections of the run as a whole."""
 
 QUICKLOOK_SIDE = 900
 CLASS_MAP_SIDE = 300
-THUMB_SIDE = 160
+THUMB_SIDE = 200
 MIN_TILE_VIEW = 48
 WORST_TILES = 6
+DEFAULT_TILE_SIDE = 512
+"""Worst-tile windows of runs that record no tile size (`satseg evaluate`)."""
+TILE_BLOCK_PIXELS = 1 << 22
+"""Pixels the worst-tile count reads at a time: memory stays bounded (about 60 MB) for any scene size."""
 MAX_CLASS_MAPS = 12
 
 
 @dataclass
 class RunTables:
-    """What the report reads: one job's rows of every report table, by scene."""
+    """What the report reads: one job's rows of the scenes, classes, curves and aggregates tables, by scene."""
 
     run_dir: Path
     job_id: str
     spec: dict | None
     scenes: list[dict]
     classes: dict[str, list[dict]] = field(default_factory=dict)
-    tiles: dict[str, list[dict]] = field(default_factory=dict)
     curves: dict[str, list[dict]] = field(default_factory=dict)
     aggregates: list[dict] = field(default_factory=list)
 
@@ -128,7 +136,7 @@ def load_run(run_dir: str | Path, job_id: str | None = None) -> RunTables:
     tables = RunTables(run_dir, job, spec, sorted(scenes, key=lambda r: r["scene"]))
     for row in tables.scenes:
         name = row["scene"]
-        for table in ("classes", "tiles", "curves"):
+        for table in ("classes", "curves"):
             getattr(tables, table)[name] = _read_rows(layout.report_file(table, job, name))
     tables.aggregates = _read_rows(layout.reports / "aggregates" / f"job_id={job}" / "job.parquet")
     return tables
@@ -240,8 +248,8 @@ def _as_indices(ctx: _SceneContext, samples: np.ndarray) -> np.ndarray:
     return np.where(idx < 0, MASK_NODATA, idx).astype(np.uint8)
 
 
-def _overlay_source(store: Path, display_side: int):
-    """The array the overlay samples from: the coarsest overview level still at least the display size."""
+def _prediction_source(store: Path, display_side: int):
+    """The array a prediction view without labels samples: the coarsest overview level still at least the display size."""
     import zarr
 
     from pipeline.overviews import OverviewLevel, level_for_size, read_overview_levels
@@ -254,34 +262,45 @@ def _overlay_source(store: Path, display_side: int):
     return zarr.open_array(str(store), path=level.path, mode="r"), level
 
 
+def _class_rgb(classes: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Class colours of class indexes (255 or -1: no class, white, as the legend says)."""
+    rgb, has = mask_rgb(np.where((classes >= 0) & (classes < len(colours)), classes, MASK_NODATA).astype(np.uint8), colours)
+    rgb[~has] = 255
+    return rgb
+
+
 def _views(ctx: _SceneContext, window: Window, side: int, *, overview: bool) -> dict:
-    """Image, overlay, mask and error map of ``window`` at most ``side`` pixels wide, as RGB arrays."""
+    """Image, labels, prediction and error map of ``window`` at most ``side`` pixels wide, as RGB arrays.
+
+    All four are the same nearest samples, so they line up pixel for pixel. Without labels the prediction
+    may come from an overview level (``overview``): no full-resolution read is needed then.
+    """
     out = display_shape(window.height, window.width, side)
     rows = sample_positions(window.row_off, window.height, out[0])
     cols = sample_positions(window.col_off, window.width, out[1])
     c = len(ctx.class_names)
     views: dict = {"shape": out}
-    mask0 = _as_indices(ctx, _mask_samples(ctx.store, rows, cols, out, window)) if ctx.store else None
-    shown = mask0
-    if ctx.store and ctx.store.is_dir() and overview:
-        arr, level = _overlay_source(ctx.store, max(out))
-        views["level"] = level
-        shown = _as_indices(ctx, read_mask_samples(arr, rows, cols, level.factor))
     if ctx.image is not None:
         views["image"], _ = read_image_rgb(ctx.image, out, window)
-    if shown is not None:
-        colours, has = mask_rgb(shown, c)
-        base = views.get("image", np.full((*out, 3), 255, dtype=np.uint8))
-        views["overlay"] = overlay(base, colours, has, alpha=0.7 if "image" in views else 1.0)
-    if ctx.labels is not None and mask0 is not None:
-        truth = read_labels(ctx.labels, out, ctx.lookup, ctx.ignore_index, window)
-        views["truth"], views["pred"] = truth, mask0
-        views["error"] = error_rgb(truth, mask0, c)
+    if ctx.store is None:
+        return views
+    colours = mask_colours(ctx.class_names, ctx.store)
+    truth = read_labels(ctx.labels, out, ctx.lookup, ctx.ignore_index, window) if ctx.labels is not None else None
+    if truth is None and overview and ctx.store.is_dir():
+        arr, level = _prediction_source(ctx.store, max(out))
+        views["level"] = level
+        pred = _as_indices(ctx, read_mask_samples(arr, rows, cols, level.factor))
+    else:
+        pred = _as_indices(ctx, _mask_samples(ctx.store, rows, cols, out, window))
+    views["pred"], views["prediction"] = pred, _class_rgb(pred, colours)
+    if truth is not None:
+        views["truth"], views["labels"] = truth, _class_rgb(truth, colours)
+        views["error"] = error_rgb(truth, pred, c)
     return views
 
 
-def _class_legend(names: list[str]) -> str:
-    colours = class_colours(len(names))
+def _class_legend(names: list[str], mask: Path | None) -> str:
+    colours = mask_colours(names, mask)  # the colours the mask carries (the job's), as in the panels
     return _swatches([(n, tuple(colours[i])) for i, n in enumerate(names)] + [("nodata: no class colour", (255, 255, 255))])
 
 
@@ -292,43 +311,49 @@ _ERROR_LEGEND = [
 ]
 
 
+PANELS = (("image", "image"), ("labels", "labels"), ("prediction", "prediction"), ("error", "errors"))
+"""The views shown side by side, same extent and samples: key in `_views`, caption."""
+
+
+def _panels(ctx: _SceneContext, views: dict, cls: str = "") -> str:
+    """The scene's views side by side, with alt texts ``<scene> <caption>``."""
+    figs = []
+    for key, caption in PANELS:
+        if key in views:
+            text = {"image": "image (2–98 % stretch)", "error": "errors: right (TP) / wrong class"}.get(key, caption)
+            if key == "prediction" and views.get("level") is not None and views["level"].level:
+                text += f" (overview level {views['level'].level}, 1/{views['level'].factor})"
+            figs.append(_figure(png(views[key], photo=key == "image"), f"{ctx.name} {caption}", _esc(text), cls))
+    return f'<div class="panels">{"".join(figs)}</div>'
+
+
 def _quicklook(ctx: _SceneContext, slug: str) -> str:
     h, w = int(ctx.row["height"]), int(ctx.row["width"])
     whole = Window(0, 0, h, w)
-    parts = []
     if ctx.store is None:
-        return _section(slug, "quicklook", "Quicklook", _note(f"not available: the mask of {ctx.name} was not found"))
+        return _section(slug, "quicklook", "Image, labels, prediction, errors", _note(f"not available: the mask of {ctx.name} was not found"))
     views = _views(ctx, whole, QUICKLOOK_SIDE, overview=True)
-    level = views.get("level")
-    figs = []
-    if "image" in views:
-        figs.append(_figure(png(views["image"], photo=True), f"{ctx.name} image", "image (2–98 % stretch)"))
-    elif ctx.row.get("image"):
-        parts.append(_note(f"image not shown: {ctx.row['image']} not found"))
-    else:
-        parts.append(_note("image not shown: this run records no image (an `evaluate` run)"))
-    source = f"overview level {level.level} (1/{level.factor})" if level is not None and level.level else "full-resolution mask"
-    what = "mask over the image" if "image" in views else "mask"
-    figs.append(_figure(png(views["overlay"], photo=True), f"{ctx.name} mask overlay", f"{what}, from the {_esc(source)}"))
-    if "error" in views:
-        figs.append(_figure(png(views["error"]), f"{ctx.name} error map", "error map: correct (TP) / wrong class"))
-    else:
-        parts.append(_note("error map not computed: the scene has no labels (or its label file was not found)"))
+    notes = []
+    if "image" not in views:
+        notes.append(_note(f"image not shown: {ctx.row['image']} not found") if ctx.row.get("image")
+                     else _note("image not shown: this run records no image (an `evaluate` run)"))
+    if "labels" not in views:
+        notes.append(_note("labels and error map not shown: the scene has no labels (or its label file was not found)"))
     shape = views["shape"]
     body = (
-        f'<div class="row3">{"".join(figs)}</div>'
-        + _class_legend(ctx.class_names)
+        "".join(notes) + _panels(ctx, views)
+        + _class_legend(ctx.class_names, ctx.store)
         + (_swatches(_ERROR_LEGEND) if "error" in views else "")
         + f'<p class="small">{h:,} × {w:,} px shown '
         + (
             f"at {shape[0]} × {shape[1]} (about 1 in {h / shape[0]:.1f} pixels each way: "
-            "nearest samples of image, labels and mask)" if shape != (h, w) else "at full resolution"
+            "the same nearest samples of image, labels and mask)" if shape != (h, w) else "at full resolution"
         )
         + "</p>"
     )
     if "error" in views:
         body += _class_maps(ctx, whole)
-    return _section(slug, "quicklook", "Quicklook", "".join(parts) + body)
+    return _section(slug, "quicklook", "Image, labels, prediction, errors", body)
 
 
 def _class_maps(ctx: _SceneContext, whole: Window) -> str:
@@ -427,8 +452,12 @@ def _pr_curves(ctx: _SceneContext, classes: list[dict], curves: list[dict], slug
         rows = sorted(rows, key=lambda r: -float(r["threshold"]))
         lines[i] = (_finite_array(r["recall"] for r in rows), _finite_array(r["precision"] for r in rows))
     ap = [r.get("average_precision") for r in classes]
-    fig = _figure(pr_curves_png(lines, ctx.class_names, ap), f"{ctx.name} PR curves",
-                  "precision against recall per class, from histograms of the saved probabilities", "plot")
+    zoom = pr_zoom(lines)
+    caption = "precision against recall per class, from histograms of the saved probabilities" + (
+        f"; right: zoomed on where the curves bend (recall from {zoom[0]:.2f}, precision from {zoom[1]:.2f}), "
+        "the dashed box on the left" if zoom else ""
+    )
+    fig = _figure(pr_curves_png(lines, ctx.class_names, ap), f"{ctx.name} PR curves", caption, "plot")
     return _section(slug, "pr-curves", title, fig)
 
 
@@ -484,37 +513,90 @@ def _draw(rgb: np.ndarray, outline: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _worst_tiles(ctx: _SceneContext, tiles: list[dict], slug: str) -> str:
-    scored = [t for t in tiles if not _missing(t.get("mean_iou"))]
-    title = "Worst tiles by mean IoU"
-    if scored:
-        title += f" ({min(WORST_TILES, len(scored))} of {len(scored)} scored chunks)"
-    if not scored:
-        return _section(
-            slug, "worst-tiles", title, _note("not computed: no tile has labelled pixels (or the scene has no labels)")
-        )
+def _tile_side(ctx: _SceneContext) -> tuple[int, str]:
+    """The side of the windows the worst tiles are picked from: the job's tile size, else a default."""
+    size = ctx.row.get("tile_size")
+    if not _missing(size) and int(size) > 0:
+        return int(size), "the job's tile size"
+    return DEFAULT_TILE_SIDE, "this run has no tile size"
+
+
+def _read_block(ctx: _SceneContext, win: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Truth and predicted class indexes of ``win`` at full resolution (-1 / 255 where a pixel is no class)."""
+    shape = (win.height, win.width)
+    truth = read_labels(ctx.labels, shape, ctx.lookup, ctx.ignore_index, win)
+    if ctx.store.is_dir():
+        from workers.mask_store import zarr_mask
+
+        raw = np.asarray(zarr_mask(ctx.store)[0][win.row_off : win.row_stop, win.col_off : win.col_stop], dtype=np.uint8)
+    else:
+        raw = read_mask_raster(ctx.store, shape, win)
+    return truth, _as_indices(ctx, raw)
+
+
+def tile_errors(ctx: _SceneContext, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled and wrongly predicted pixels of each ``tile`` x ``tile`` window of the scene (a grid from its origin).
+
+    Read at full resolution, a block of whole tiles at a time (at most `TILE_BLOCK_PIXELS`), so memory stays
+    bounded whatever the scene's size; every pixel is read once.
+    """
+    h, w = int(ctx.row["height"]), int(ctx.row["width"])
+    rows, cols = -(-h // tile), -(-w // tile)
+    labelled = np.zeros((rows, cols), dtype=np.int64)
+    wrong = np.zeros((rows, cols), dtype=np.int64)
+    across = min(cols, max(1, TILE_BLOCK_PIXELS // (tile * tile)))
+    down = min(rows, max(1, TILE_BLOCK_PIXELS // (across * tile * tile)))
+    c = len(ctx.class_names)
+    for tr in range(0, rows, down):
+        for tc in range(0, cols, across):
+            win = Window(tr * tile, tc * tile, min(down * tile, h - tr * tile), min(across * tile, w - tc * tile))
+            truth, pred = _read_block(ctx, win)
+            scored = (truth >= 0) & (truth < c) & (pred < c)
+            starts_r, starts_c = np.arange(0, win.height, tile), np.arange(0, win.width, tile)
+            for total, where in ((labelled, scored), (wrong, scored & (truth != pred))):
+                sums = np.add.reduceat(np.add.reduceat(where.astype(np.int32), starts_r, axis=0), starts_c, axis=1)
+                total[tr : tr + len(starts_r), tc : tc + len(starts_c)] = sums
+    return labelled, wrong
+
+
+def _worst_tiles(ctx: _SceneContext, slug: str) -> str:
+    tile, why = _tile_side(ctx)
+    title = f"Worst tiles ({tile} × {tile} px windows with the most wrong pixels)"
+    if ctx.labels is None or ctx.row.get("confusion") is None:
+        return _section(slug, "worst-tiles", title, _note("not computed: the scene has no labels (or its label file was not found)"))
     if ctx.store is None:
         return _section(slug, "worst-tiles", title, _note("not available: mask store not found"))
-    worst = sorted(scored, key=lambda t: (t["mean_iou"], t["chunk_row"], t["chunk_col"]))[:WORST_TILES]
-    scene = (int(ctx.row["height"]), int(ctx.row["width"]))
+    labelled, wrong = tile_errors(ctx, tile)
+    bad_r, bad_c = np.nonzero(wrong)
+    order = np.lexsort((bad_c, bad_r, -wrong[bad_r, bad_c]))[:WORST_TILES]
+    if not order.size:
+        return _section(slug, "worst-tiles", title, _note(f"no {tile}-px tile has a wrongly classified labelled pixel"))
+    h, w = int(ctx.row["height"]), int(ctx.row["width"])
     cards = []
-    for t in worst:
-        win = Window(int(t["row_off"]), int(t["col_off"]), int(t["height"]), int(t["width"]))
-        view_win = _context_window(win, scene, max(MIN_TILE_VIEW, max(win.height, win.width) // 3))
+    for r, c in zip(bad_r[order], bad_c[order]):
+        win = Window(int(r) * tile, int(c) * tile, min(tile, h - int(r) * tile), min(tile, w - int(c) * tile))
+        truth, pred = _read_block(ctx, win)
+        m = segmentation_metrics(confusion_matrix(truth, pred, len(ctx.class_names), ignore_index=None))
+        view_win = _context_window(win, (h, w), MIN_TILE_VIEW)
         views = _views(ctx, view_win, THUMB_SIDE, overview=False)
         outline = None if view_win == win else _outline(view_win, win, views["shape"])
         imgs = "".join(
-            _img(png(_draw(views[k], outline)), f"{ctx.name} tile {t['chunk_row']},{t['chunk_col']} {k}", "thumb")
-            for k in ("image", "overlay", "error") if k in views
+            _img(png(_draw(views[k], outline)), f"{ctx.name} tile {r},{c} {k}", "thumb")
+            for k, _ in PANELS if k in views
         )
         context = f"; shown with {view_win.height} × {view_win.width} px around it (outlined)" if outline is not None else ""
+        n_wrong, n_lab = int(wrong[r, c]), int(labelled[r, c])
         caption = (
-            f"chunk ({t['chunk_row']}, {t['chunk_col']}): {_span('row', win.row_off, win.row_stop)}, "
-            f"{_span('col', win.col_off, win.col_stop)}{context}. mean IoU <b>{_fmt(t['mean_iou'])}</b>, "
-            f"pixel accuracy {_fmt(t.get('pixel_accuracy'))}, {_fmt(t.get('labelled_pixels'))} labelled px"
+            f"tile ({r}, {c}): {_span('row', win.row_off, win.row_stop)}, {_span('col', win.col_off, win.col_stop)}"
+            f"{context}. <b>{n_wrong:,} wrong</b> of {n_lab:,} labelled px ({n_wrong / n_lab:.1%}), "
+            f"mean IoU {_fmt(m.mean_iou)}"
         )
         cards.append(f'<div class="tile"><div class="thumbs">{imgs}</div><p class="small">{caption}</p></div>')
-    body = f'<p class="small">image · mask overlay · error map for each chunk</p><div class="tiles">{"".join(cards)}</div>'
+    body = (
+        f'<p class="small">{tile}-px windows from the scene origin ({why}), {labelled.size:,} in all, ranked by '
+        "wrongly classified labelled pixels (read at full resolution). Each: image · labels · prediction · errors</p>"
+        f'<div class="tiles">{"".join(cards)}</div>'
+    )
     return _section(slug, "worst-tiles", title, body)
 
 
@@ -587,6 +669,46 @@ def _aggregates(tables: RunTables) -> str:
     return _section(None, "aggregates", title, body)
 
 
+def _training(tables: RunTables) -> str:
+    """Loss and validation mean IoU per epoch, as `satseg train` recorded them in the job's checkpoint."""
+    title = "Training curves of the checkpoint"
+    first = tables.scenes[0]
+    path = first.get("checkpoint") or (tables.spec or {}).get("checkpoint")
+    if not path:
+        init = (tables.spec or {}).get("init")
+        weights = f"published weights ({init}), which record no training history" if init else "random weights"
+        return _section(None, "training", title, _note(f"not computed: the job used no checkpoint, but {weights}"))
+    if not Path(path).is_file():
+        return _section(None, "training", title, _note(f"not available: checkpoint {path} not found here"))
+    from workers.models.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        return _section(None, "training", title, _note(f"not available: {err}"))
+    recorded = first.get("checkpoint_sha256")
+    if recorded and ckpt.sha256 != recorded:
+        return _section(None, "training", title, _note(
+            f"not shown: {path} changed since the run (SHA-256 {ckpt.sha256[:12]}, the run used {recorded[:12]})"
+        ))
+    prov = ckpt.provenance
+    loss, val = prov.get("loss_history") or [], prov.get("validation_history") or []
+    if not loss and not val:
+        return _section(None, "training", title, _note(
+            f"not recorded: {Path(path).name} holds no per-epoch history (not written by `satseg train`)"
+        ))
+    best = prov.get("epoch") if isinstance(prov.get("epoch"), int) else None
+    facts = [f"{Path(path).name} ({ckpt.model})", f"{len(loss) or len(val)} epochs"]
+    if best:
+        facts.append(f"kept epoch {best}")
+    if prov.get("validation_mean_iou") is not None:
+        facts.append(f"validation mean IoU {_fmt(prov.get('validation_mean_iou'))}")
+    fig = _figure(training_png(loss, val, best), "training curves",
+                  "per epoch: mean training loss, and mean IoU on the held-out rows; the dashed line is the epoch kept",
+                  "plot")
+    return _section(None, "training", title, f'<p class="small">{_esc(" · ".join(facts))}</p>' + fig)
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 header{background:#1d2b45;color:#fff;padding:18px 32px}
@@ -599,7 +721,7 @@ h2{border-bottom:2px solid #1d2b45;padding-bottom:4px;margin-top:36px}
 h3{margin:0 0 10px;font-size:16px}
 h4{margin:16px 0 8px;font-size:14px}
 .panel{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:14px 18px;margin:14px 0}
-.row3{display:grid;grid-template-columns:repeat(3,1fr);gap:12px}
+.panels{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:12px}
 .row2{display:grid;grid-template-columns:minmax(240px,1fr) 3fr;gap:18px;align-items:start}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px}
 figure{margin:0}
@@ -616,10 +738,13 @@ table.narrow{width:100%}
 .swatch{display:inline-flex;align-items:center;gap:5px}
 .swatch i{display:inline-block;width:14px;height:14px;border:1px solid #888}
 .small{font-size:12px;color:#555}
-.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(400px,1fr));gap:12px}
+.tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px}
 .tile{border:1px solid #e3e6eb;border-radius:4px;padding:8px}
-.thumbs{display:flex;gap:4px}
-.thumbs img{width:33%;height:auto;image-rendering:pixelated;border:1px solid #d0d4dc}
+.thumbs{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));gap:4px}
+.thumbs img{width:100%;height:auto;image-rendering:pixelated;border:1px solid #d0d4dc;box-sizing:border-box}
+.up{color:#17703a}
+.wide{overflow-x:auto}
+.down{color:#b42318}
 """
 
 
@@ -638,7 +763,11 @@ def render_report(tables: RunTables) -> str:
             _class_bars(ctx, classes, slug),
             _pr_curves(ctx, classes, tables.curves.get(ctx.name, []), slug),
             _trimap(ctx, classes, slug),
-            _worst_tiles(ctx, tables.tiles.get(ctx.name, []), slug),
+            _worst_tiles(ctx, slug),
+            objects_section(  # with `things`: object metrics, the largest misses and false alarms on the map
+                OutputLayout(tables.run_dir), tables.job_id, ctx.name, ctx.store, (int(row["height"]), int(row["width"])),
+                ctx.class_names, slug,
+            ),
         ]
         facts = [f'{int(row["height"]):,} × {int(row["width"]):,} px', f"{len(ctx.class_names)} classes"]
         info = " · ".join(([_esc(row["image"])] if row.get("image") else []) + facts)
@@ -646,7 +775,7 @@ def render_report(tables: RunTables) -> str:
             f'<article class="scene" id="scene-{_esc(slug)}"><h2>Scene {_esc(ctx.name)}</h2><p class="small">{info}</p>'
             + "".join(sections) + "</article>"
         )
-    run = _throughput(tables) + _aggregates(tables)
+    run = _throughput(tables) + _aggregates(tables) + _training(tables)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     model = tables.scenes[0].get("model") or "—"
     return (

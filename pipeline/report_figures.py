@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.palette import class_colours
 
-__all__ = ["png", "confusion_png", "class_bars_png", "pr_curves_png", "trimap_png"]
+__all__ = ["png", "confusion_png", "class_bars_png", "pr_curves_png", "pr_zoom", "trimap_png", "training_png"]
 
 _DPI = 100
 
@@ -60,7 +60,7 @@ def _finite(values: Sequence[float | None]) -> np.ndarray:
 
 
 def confusion_png(confusion: np.ndarray, names: list[str]) -> bytes:
-    """Row-normalised confusion heatmap (rows: truth); rows without truth stay blank."""
+    """Row-normalised confusion heatmap in percent (rows: truth; cells and colour bar alike); rows without truth stay blank."""
     c = len(names)
     counts = np.asarray(confusion, dtype=np.float64).reshape(c, c)
     totals = counts.sum(axis=1, keepdims=True)
@@ -70,7 +70,8 @@ def confusion_png(confusion: np.ndarray, names: list[str]) -> bytes:
     fig = _figure(side + 1.2, side)
     ax = fig.add_subplot()
     cmap = _cmap("Blues").with_extremes(bad="#eeeeee")
-    im = ax.imshow(np.ma.masked_invalid(norm), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    percent = 100 * norm  # the cells' numbers and the colour bar in one unit
+    im = ax.imshow(np.ma.masked_invalid(percent), cmap=cmap, vmin=0.0, vmax=100.0, interpolation="nearest")
     ax.set_xticks(range(c), names, rotation=45, ha="right", fontsize=9)
     ax.set_yticks(range(c), names, fontsize=9)
     ax.set_xlabel("predicted class")
@@ -78,10 +79,10 @@ def confusion_png(confusion: np.ndarray, names: list[str]) -> bytes:
     if c <= 15:
         for i in range(c):
             for j in range(c):
-                if not math.isnan(norm[i, j]):
-                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                            color="white" if norm[i, j] > 0.6 else "#222222")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+                if not math.isnan(percent[i, j]):
+                    ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if percent[i, j] > 60 else "#222222")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="% of the true class's pixels")
     return _save(fig)
 
 
@@ -111,20 +112,93 @@ def class_bars_png(names: list[str], series: dict[str, Sequence[float | None]]) 
     return _save(fig)
 
 
-def pr_curves_png(curves: dict[int, tuple[np.ndarray, np.ndarray]], names: list[str], ap: Sequence[float | None]) -> bytes:
-    """Precision against recall per class, labelled with each class's average precision."""
-    fig = _figure(6.0, 4.6)
-    ax = fig.add_subplot()
+PR_ZOOM_FROM = 0.5
+"""A zoomed PR view starting below this would show most of the unit square anyway: precision below it, one panel."""
+
+
+def _nice_floor(value: float) -> float:
+    step = 0.01 if value >= 0.9 else 0.05
+    return max(0.0, math.floor(value / step + 1e-9) * step)
+
+
+def pr_zoom(curves: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[float, float] | None:
+    """(recall from, precision from) of a view on where good curves bend, or None when they do not crowd the top.
+
+    Around each class's best-F1 point: from the lowest such precision over the classes, less twice its distance
+    to 1, so every knee sits well inside the view; the same for recall (or from 0 when that is below
+    `PR_ZOOM_FROM`); rounded down to a hundredth (a twentieth below 0.9), and never narrower than 0.05.
+    """
+    best_r, best_p = [], []
+    for recall, precision in curves.values():
+        ok = np.isfinite(recall) & np.isfinite(precision)
+        if not ok.any():
+            continue
+        r, p = recall[ok], precision[ok]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(r + p > 0, 2 * r * p / (r + p), 0.0)
+        k = int(np.argmax(f1))
+        best_r.append(r[k])
+        best_p.append(p[k])
+    if not best_r:
+        return None
+    lo_r, lo_p = (min(0.95, _nice_floor(min(v) - 2 * (1 - min(v)))) for v in (best_r, best_p))
+    if lo_p < PR_ZOOM_FROM:
+        return None
+    return (lo_r if lo_r >= PR_ZOOM_FROM else 0.0), lo_p
+
+
+def _pr_axes(ax, curves, names, ap, labels: bool) -> None:
     for i, (recall, precision) in sorted(curves.items()):
         score = ap[i] if i < len(ap) else None
         label = f"{names[i]} (AP {score:.3f})" if score is not None and not math.isnan(score) else names[i]
-        ax.plot(recall, precision, color=_colour(i, len(names)), lw=1.6, label=label)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
+        ax.plot(recall, precision, color=_colour(i, len(names)), lw=1.6, label=label if labels else None)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+
+
+def pr_curves_png(curves: dict[int, tuple[np.ndarray, np.ndarray]], names: list[str], ap: Sequence[float | None]) -> bytes:
+    """Precision against recall per class, labelled with each class's AP: the unit square, and beside it, when the
+    curves crowd a corner of it (good models), a view zoomed on where they bend (`pr_zoom`)."""
+    zoom = pr_zoom(curves)
+    fig = _figure(11.0 if zoom else 6.0, 4.6)
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
+    _pr_axes(axes[0], curves, names, ap, labels=True)
+    axes[0].set_xlim(0, 1)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8, loc="lower left")
+    if zoom:
+        r0, p0 = zoom
+        from matplotlib.patches import Rectangle
+
+        axes[0].add_patch(Rectangle((r0, p0), 1 - r0, 1.0 - p0, fill=False, ls="--", lw=1.0, ec="#555555"))
+        axes[0].set_title("whole range", fontsize=10)
+        _pr_axes(axes[1], curves, names, ap, labels=False)
+        axes[1].set_xlim(r0, 1.0 + (1 - r0) * 0.01)
+        axes[1].set_ylim(p0, 1.0 + (1 - p0) * 0.02)
+        axes[1].set_title(f"zoomed: recall {r0:.2f}–1, precision {p0:.2f}–1", fontsize=10)
+    return _save(fig)
+
+
+def training_png(loss: Sequence[float | None], validation: Sequence[float | None], best_epoch: int | None) -> bytes:
+    """Training loss and validation mean IoU per epoch, side by side; the kept (best) epoch marked."""
+    fig = _figure(10.0, 3.6)
+    left, right = fig.subplots(1, 2)
+    for ax, values, label, colour in ((left, loss, "training loss (mean over the epoch)", "#1f4e79"),
+                                      (right, validation, "validation mean IoU", "#c55a11")):
+        v = _finite(values)
+        if v.size:
+            ax.plot(np.arange(1, v.size + 1), v, color=colour, lw=1.8, marker="o", ms=3)
+            if best_epoch and 1 <= best_epoch <= v.size:
+                ax.axvline(best_epoch, color="#555555", ls="--", lw=1.0)
+                ax.annotate(f"kept: epoch {best_epoch}", (best_epoch, v[best_epoch - 1]), textcoords="offset points",
+                            xytext=(6, 8), fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="#888888")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     return _save(fig)
 
 

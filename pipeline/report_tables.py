@@ -1,7 +1,10 @@
 """Report assembly: tiles, classes, scenes, curves and aggregates tables from counts and metrics (pure), and writing them.
 
-The tiles table is GeoParquet 1.1: each chunk's footprint as a WKB polygon in
-the scene CRS (PROJJSON in the ``geo`` metadata), with a ``bbox`` covering column.
+The tiles and scenes tables are GeoParquet 1.1 with one CRS for all rows:
+footprints (a chunk's, a scene's) reprojected to longitude/latitude with
+their edges densified, a ``bbox`` covering column, and each scene's own CRS
+and native footprint beside them, so scenes in different UTM zones share one
+geometry column that geopandas and DuckDB read with its CRS.
 """
 
 from __future__ import annotations
@@ -9,13 +12,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.geometry import ChunkGrid
+from pipeline.core.geometry import ChunkGrid, Window
 from pipeline.core.metrics import PROBABILITY_LEVELS, SceneScores, boundary_iou, scene_scores, segmentation_metrics
 from pipeline.counting import ChunkCounts
 from schemas.reports import AGGREGATES, CLASSES, CURVES, SCENES, TILES
@@ -23,6 +27,9 @@ from schemas.store import OutputLayout, replacing
 from workers.reader import SceneInfo
 
 __all__ = [
+    "Footprint",
+    "footprints",
+    "epsg_code",
     "tiles_table",
     "classes_table",
     "scenes_table",
@@ -34,6 +41,9 @@ __all__ = [
     "write_table",
 ]
 
+EDGE_POINTS = 16
+"""Segments per footprint edge when reprojecting: a straight edge in the scene CRS is a curve in lon/lat."""
+
 
 def _num(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
@@ -43,41 +53,107 @@ def _list(a: np.ndarray | None) -> list[float | None] | None:
     return None if a is None else [_num(float(v)) for v in a]
 
 
-def _polygon_wkb(minx: float, miny: float, maxx: float, maxy: float) -> bytes:
-    """A rectangle as little-endian WKB, exterior ring counter-clockwise."""
-    ring = [(minx, miny), (maxx, miny), (maxx, maxy), (minx, maxy), (minx, miny)]
-    return struct.pack("<BIII", 1, 3, 1, len(ring)) + b"".join(struct.pack("<dd", x, y) for x, y in ring)
+def _polygon_wkb(xs: np.ndarray, ys: np.ndarray) -> bytes:
+    """A closed ring as a little-endian WKB polygon (the ring as given: counter-clockwise here)."""
+    ring = np.stack([xs, ys], axis=1).astype("<f8")
+    if not np.array_equal(ring[0], ring[-1]):
+        ring = np.vstack([ring, ring[:1]])
+    return struct.pack("<BIII", 1, 3, 1, len(ring)) + ring.tobytes()
 
 
-def _projjson(crs_wkt: str | None) -> dict | None:
+def _ring(box: tuple[float, float, float, float], points: int) -> tuple[np.ndarray, np.ndarray]:
+    """A box's outline, counter-clockwise from (minx, miny), ``points`` segments per edge, closed."""
+    minx, miny, maxx, maxy = box
+    t = np.arange(points) / points
+    xs = np.concatenate([minx + (maxx - minx) * t, np.full(points, maxx), maxx - (maxx - minx) * t, np.full(points, minx)])
+    ys = np.concatenate([np.full(points, miny), miny + (maxy - miny) * t, np.full(points, maxy), maxy - (maxy - miny) * t])
+    return np.append(xs, xs[0]), np.append(ys, ys[0])
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Where a window of a scene lies: in lon/lat (None without a usable CRS) and in the scene CRS."""
+
+    native: bytes
+    lonlat: bytes | None
+    bbox: tuple[float, float, float, float] | None  # lon/lat: (xmin, ymin, xmax, ymax)
+
+    def columns(self, epsg: int | None) -> dict:
+        """The footprint columns of a tiles or scenes row (see ``schemas.reports``)."""
+        box = None if self.bbox is None else dict(zip(("xmin", "ymin", "xmax", "ymax"), self.bbox))
+        return {"geometry": self.lonlat, "bbox": box, "geometry_native": self.native, "epsg": epsg}
+
+
+def footprints(info: SceneInfo, windows: list[Window], points: int = EDGE_POINTS) -> list[Footprint]:
+    """Each window's outline in the scene CRS and, densified and reprojected, in lon/lat (one transform call).
+
+    A scene without a CRS, or whose CRS does not reach lon/lat, gets no lon/lat footprint.
+    """
+    native = [_ring(info.bounds(w), 1) for w in windows]
+    lonlat: list = [None] * len(windows)
+    if info.crs and windows:
+        import rasterio.errors
+        from rasterio.warp import transform
+
+        rings = [_ring(info.bounds(w), points) for w in windows]
+        xs, ys = np.concatenate([r[0] for r in rings]), np.concatenate([r[1] for r in rings])
+        try:
+            lon, lat = (np.asarray(v) for v in transform(info.crs, "OGC:CRS84", xs, ys))
+        except (rasterio.errors.RasterioError, ValueError):
+            lon = lat = None
+        if lon is not None:
+            n = 4 * points + 1
+            for i in range(len(windows)):
+                x, y = lon[i * n : (i + 1) * n], lat[i * n : (i + 1) * n]
+                if np.isfinite(x).all() and np.isfinite(y).all():
+                    lonlat[i] = (x, y)
+    out = []
+    for (nx, ny), ll in zip(native, lonlat):
+        if ll is None:
+            out.append(Footprint(_polygon_wkb(nx, ny), None, None))
+        else:
+            x, y = ll
+            box = (float(x.min()), float(y.min()), float(x.max()), float(y.max()))
+            out.append(Footprint(_polygon_wkb(nx, ny), _polygon_wkb(x, y), box))
+    return out
+
+
+def epsg_code(crs_wkt: str | None) -> int | None:
+    """The EPSG code of a CRS, when pyproj identifies one (None otherwise)."""
     if not crs_wkt:
         return None
     from pyproj import CRS
 
-    return CRS.from_wkt(crs_wkt).to_json_dict()
+    return CRS.from_wkt(crs_wkt).to_epsg()
 
 
-def _geo_metadata(crs_wkt: str | None, boxes: list[tuple[float, float, float, float]]) -> bytes:
+def _geo_metadata(boxes: list[tuple[float, float, float, float] | None]) -> bytes:
+    """GeoParquet 1.1 metadata of ``geometry``: lon/lat, so no ``crs`` key (the spec's default, OGC:CRS84)."""
     column = {
         "encoding": "WKB",
         "geometry_types": ["Polygon"],
-        "crs": _projjson(crs_wkt),  # null: the CRS is unknown (a missing key would mean OGC:CRS84)
         "orientation": "counterclockwise",
         "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
     }
-    if boxes:
-        b = np.asarray(boxes)
+    known = [b for b in boxes if b is not None]
+    if known:
+        b = np.asarray(known)
         column["bbox"] = [float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())]
     return json.dumps({"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}).encode()
 
 
+def _with_geo(table: pa.Table, boxes: list) -> pa.Table:
+    return table.replace_schema_metadata({**table.schema.metadata, b"geo": _geo_metadata(boxes)})
+
+
 def tiles_table(scene: str, grid: ChunkGrid, info: SceneInfo, counts: ChunkCounts) -> pa.Table:
     """One row per output chunk: its footprint, how many pixels, and how good (GeoParquet)."""
-    rows, boxes = [], []
-    for r, c in grid:
+    rows = []
+    cells = list(grid)
+    feet = footprints(info, [grid.window(r, c) for r, c in cells])
+    epsg = epsg_code(info.crs)
+    for (r, c), foot in zip(cells, feet):
         win = grid.window(r, c)
-        box = info.bounds(win)
-        boxes.append(box)
         row = {
             "scene": scene,
             "chunk_row": r,
@@ -86,8 +162,8 @@ def tiles_table(scene: str, grid: ChunkGrid, info: SceneInfo, counts: ChunkCount
             "col_off": win.col_off,
             "height": win.height,
             "width": win.width,
-            "geometry": _polygon_wkb(*box),
-            "bbox": dict(zip(("xmin", "ymin", "xmax", "ymax"), box)),
+            **foot.columns(epsg),
+            "crs": info.crs,
             "valid_pixels": int(counts.valid[r, c]),
             "predicted_pixels": counts.predicted[r, c].tolist(),
         }
@@ -104,8 +180,7 @@ def tiles_table(scene: str, grid: ChunkGrid, info: SceneInfo, counts: ChunkCount
             b = boundary_iou(counts.boundary[r, c])
             row.update(boundary_iou=_list(b), mean_boundary_iou=_num(float(np.nanmean(b)) if np.isfinite(b).any() else float("nan")))
         rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=TILES)
-    return table.replace_schema_metadata({**table.schema.metadata, b"geo": _geo_metadata(info.crs, boxes)})
+    return _with_geo(pa.Table.from_pylist(rows, schema=TILES), [f.bbox for f in feet])
 
 
 def classes_table(scene: str, class_names: list[str], scores: SceneScores | None, predicted: np.ndarray) -> pa.Table:
@@ -139,9 +214,13 @@ def classes_table(scene: str, class_names: list[str], scores: SceneScores | None
     return pa.Table.from_pylist(rows, schema=CLASSES)
 
 
-def scenes_table(row: dict, scores: SceneScores | None) -> pa.Table:
-    """The one-row scenes table of a scene: provenance, sizes, timings and every scalar metric."""
+def scenes_table(row: dict, scores: SceneScores | None, info: SceneInfo | None = None) -> pa.Table:
+    """The one-row scenes table of a scene: provenance, footprint (from ``info``), sizes, timings and every scalar metric."""
     row = dict(row)
+    foot = None
+    if info is not None:
+        foot = footprints(info, [Window(0, 0, info.height, info.width)])[0]
+        row.update(foot.columns(epsg_code(info.crs)))
     if scores is not None:
         metrics = scores.metrics
         row.update({k: _num(v) for k, v in metrics.scalars().items()})
@@ -150,7 +229,7 @@ def scenes_table(row: dict, scores: SceneScores | None) -> pa.Table:
         row["mean_boundary_iou"] = _num(scores.mean_boundary_iou)
         row["mean_average_precision"] = _num(scores.mean_average_precision)
         row["trimap_miou"] = _list(scores.trimap_miou)
-    return pa.Table.from_pylist([row], schema=SCENES)
+    return _with_geo(pa.Table.from_pylist([row], schema=SCENES), [foot.bbox if foot else None])
 
 
 def curves_table(scene: str, class_names: list[str], scores: SceneScores | None) -> pa.Table:
@@ -275,7 +354,7 @@ def write_scene_reports(
     predicted = counts.predicted.sum(axis=(0, 1))
     write_table(classes_table(name, class_names, scores, predicted), layout.report_file("classes", job_id, name))
     write_table(curves_table(name, class_names, scores), layout.report_file("curves", job_id, name))
-    write_table(scenes_table(row, scores), layout.report_file("scenes", job_id, name))
+    write_table(scenes_table(row, scores, info), layout.report_file("scenes", job_id, name))
 
 
 def write_table(table: pa.Table, path: Path) -> None:

@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,9 +26,11 @@ from pipeline.cluster import connect
 from pipeline.counting import dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
 from pipeline.core.geometry import ChunkGrid
 from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
+from pipeline.objects import check_job_things, job_objects
 from pipeline.overviews import write_overviews
 from pipeline.core.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
+from pipeline.telemetry import SceneTelemetry
 from pipeline.report_tables import aggregates_table, scores_from_rows, write_scene_reports, write_table
 from pipeline.job_folder import (
     DONE, FAILED, RUNNING, chunks_marked, claim_output, model_key, scene_complete, start_scene_states, write_scene_state,
@@ -37,7 +39,7 @@ from schemas.errors import CheckpointError, ScenesFailedError, SpecError, first_
 from schemas.job import JobSpec, SceneSpec, resolve_device
 from schemas.specfile import excerpt
 from schemas.store import OutputLayout
-from workers.predictor import TILE_CACHE_BYTES, ModelSource
+from workers.predictor import PROGRESS_GROUP, TILE_CACHE_BYTES, ModelSource
 from workers.reader import SceneInfo, check_bands, check_labels_match, open_scene
 
 __all__ = ["ResolvedModel", "SceneResult", "JobResult", "resolve_model", "run_job"]
@@ -55,6 +57,7 @@ class ResolvedModel:
     mean: list[float] | None
     std: list[float] | None
     checkpoint_sha256: str | None
+    init_sha256: str | None = None  # the content of the job's `init` weights, when it has them
 
 
 @dataclass
@@ -110,8 +113,14 @@ def resolve_model(spec: JobSpec) -> ResolvedModel:
         raise SpecError(f"unknown model {spec.model!r}; choose one of {', '.join(list_models())}")
     classes = list(spec.class_names or [])
     _check_model_options(spec.model, len(classes), dict(spec.model_options))
-    source = ModelSource(spec.model, len(spec.bands) if spec.bands else 0, len(classes), dict(spec.model_options), None, spec.seed)
-    return ResolvedModel(source, classes, list(spec.bands) if spec.bands else None, None, None, None)
+    init, init_sha256 = None, None
+    if spec.init is not None:  # the file is read and fitted here, so a bad one fails before any actor starts
+        from workers.models.pretrained import check_pretrained
+
+        init = str(spec.init)
+        init_sha256 = check_pretrained(init, spec.model, len(spec.bands) if spec.bands else 3, len(classes), dict(spec.model_options))
+    source = ModelSource(spec.model, len(spec.bands) if spec.bands else 0, len(classes), dict(spec.model_options), None, spec.seed, init)
+    return ResolvedModel(source, classes, list(spec.bands) if spec.bands else None, None, None, None, init_sha256)
 
 
 def _check_model_options(name: str, num_classes: int, options: dict) -> None:
@@ -149,6 +158,8 @@ def job_id_of(spec: JobSpec, model: ResolvedModel, device: str) -> str:
     """
     keep = spec.identity()
     keep["checkpoint_sha256"] = model.checkpoint_sha256
+    if model.init_sha256 is not None:  # only then: jobs without `init` keep their ids
+        keep["init_sha256"] = model.init_sha256
     keep["precision"] = PRECISION[device]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -164,7 +175,7 @@ def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[_Scene]:
     """Check every scene from metadata before any work starts, so bad input fails fast."""
     out = []
     for scene in spec.scenes:
-        info = open_scene(scene.image)
+        info = open_scene(scene.image, stac_bands=scene.stac_bands)  # a STAC item's bands: stacked as VRT text
         bands = _scene_bands(model, info)
         labels = None
         if scene.labels is not None:
@@ -196,7 +207,8 @@ def _actors(spec: JobSpec, source: ModelSource):
         n = spec.num_actors or cpus
         opts = {"num_gpus": 0, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
         threads = max(1, cpus // n)
-    cls = ray.remote(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
+    # progress() runs in its own thread, beside a chunk in work (max_concurrency still bounds the chunks)
+    cls = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(TilePredictor).options(max_restarts=2, max_task_retries=2, **opts)
     actors = [
         cls.remote(source, device=device, batch_size=spec.batch_size, threads=threads, tta=spec.tta, compile=spec.compile)
         for _ in range(n)
@@ -334,7 +346,12 @@ def _open_store(job: _RunningJob, scene: _Scene, plan: ScenePlan) -> tuple[Path,
         if markers.exists():
             shutil.rmtree(markers)
         names = job.model.class_names
-        create_mask_store(store, scene.info, plan.grid.chunk, class_names=names, job_id=job.job_id, source_image=str(scene.spec.image))
+        from pipeline.palette import class_colour_hexes  # the job's colours, the rest from the default palette
+
+        create_mask_store(
+            store, scene.info, plan.grid.chunk, class_names=names, job_id=job.job_id, source_image=str(scene.spec.image),
+            class_colors=class_colour_hexes(names, job.spec.class_colors),
+        )
         if job.spec.save_probabilities:
             create_probabilities_array(store, names, plan.grid.chunk)
     return store, {(r, c) for r, c in plan.grid if f"{r}.{c}" in done}
@@ -364,8 +381,13 @@ def _predict_chunks(job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Pat
     per_actor = -(-limit // len(actors))
     # a chunk is read on its actor's node, so windows never cross the network (elsewhere only if that node is gone)
     reads = [read_window_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)) for _, node in actors]
-    markers, image = str(job.layout.chunk_markers(scene.name)), str(scene.spec.image)
-    bar = job.progress.add_task(f"{scene.name} chunks", total=len(plan.grid), completed=len(written))
+    markers, image = str(job.layout.chunk_markers(scene.name)), scene.info.dataset  # what GDAL opens: the path, or a STAC stack
+    # progress in tiles, polled from the actors while they work: a chunk of hundreds of tiles no longer holds the bar still
+    needed = set().union(*(plan.task(r, c).tiles for r, c in plan.grid if (r, c) not in written))
+    bar = job.progress.add_task(scene.name, total=max(1, len(needed)), unit="tiles", detail=f"chunks {len(written)}/{len(plan.grid)}")
+    tiles = _TilesPredicted([a for a, _ in actors])
+    chunks_done = len(written)
+    telemetry = SceneTelemetry(job.job_id, scene.name, len(plan.grid), len(written))  # Ray metrics, for Prometheus
     spent = dict.fromkeys(("tiles_predicted", "tiles_reused", "model_seconds", "chunk_seconds", "nodata_collisions"), 0)
     in_flight: dict = {}
     busy = [0] * len(actors)
@@ -378,7 +400,7 @@ def _predict_chunks(job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Pat
                     mask = actor.predict_chunk.remote(data, task, plan, spec.window, image, spec.save_probabilities)
                     in_flight[write_chunk_task.remote(str(store), task.chunk, mask, markers, task.key)] = (task, k)
                     busy[k] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=_PROGRESS_SECONDS)
             for ref in ready:
                 work = ray.get(ref)
                 for key in spent:
@@ -386,11 +408,61 @@ def _predict_chunks(job: _RunningJob, scene: _Scene, plan: ScenePlan, store: Pat
                 task, k = in_flight.pop(ref)
                 busy[k] -= 1
                 counting.written(task.row, task.col)  # counts a chunk as soon as its halo is written
-                job.progress.advance(bar)
+                chunks_done += 1
+                telemetry.chunk_written(task.chunk.height * task.chunk.width, work["tiles_predicted"])
+            # tiles with no valid pixel skip the model, and a restarted actor may predict some again: the bar is clamped,
+            # and full once every chunk is written
+            done = len(needed) if not (in_flight or any(queues)) else min(tiles.poll(), len(needed) - 1)
+            job.progress.update(bar, completed=max(0, done), detail=f"chunks {chunks_done}/{len(plan.grid)}")
     except Exception:
         _settle(list(in_flight) + counting.pending())  # no task left writing, and no error left unread for Ray to print
         raise
     return spent
+
+
+_PROGRESS_SECONDS = 0.5
+"""How often the driver asks the actors how many tiles they have predicted."""
+
+
+class _TilesPredicted:
+    """Tiles the model actors have predicted since a scene started, asked in their ``progress`` concurrency group (so a
+    chunk in work never blocks the answer) and never waited for: each poll collects the answers that have arrived."""
+
+    def __init__(self, actors: list):
+        self._actors = actors
+        self._last = [_answer(ref) for ref in [self._ask(a) for a in actors]]
+        self._pending: dict = {}
+        self.total = 0
+
+    @staticmethod
+    def _ask(actor):
+        return actor.progress.options(concurrency_group=PROGRESS_GROUP).remote()
+
+    def poll(self) -> int:
+        import ray
+
+        if self._pending:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+            for ref in ready:
+                k = self._pending.pop(ref)
+                value, last = _answer(ref), self._last[k]
+                if value is None:
+                    continue  # a restarting actor: its next answer counts
+                # a restarted actor counts from zero again
+                self.total += value - last if last is not None and value >= last else value
+                self._last[k] = value
+        if not self._pending:
+            self._pending = {self._ask(a): k for k, a in enumerate(self._actors)}
+        return self.total
+
+
+def _answer(ref) -> int | None:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except Exception:  # noqa: BLE001  (an actor restarting or gone: progress is only shown, never trusted)
+        return None
 
 
 def _settle(refs: list) -> None:
@@ -483,6 +555,7 @@ def _run_scene(job: _RunningJob, scene: _Scene) -> SceneResult:
     seconds = time.perf_counter() - t0
     row = _scene_row(job, scene, plan, store, counts, counting.spec.boundary_width, spent, written, seconds, predict_seconds)
     write_scene_reports(job.layout, job.job_id, plan.grid, scene.info, job.model.class_names, scores, counts, row)
+    job_objects(spec, job.layout, job.job_id, scene.spec, store, job.model.class_names, scene.info, job.use_ray_dask)  # `things`
     mark_complete(store)  # the last write: the scene is done (ARCHITECTURE.md, invariant 6)
     return SceneResult(
         scene.name, scene.info, store, scores.metrics if scores is not None else None, seconds, predict_seconds,
@@ -509,15 +582,13 @@ def _finished_scene(layout: OutputLayout, job_id: str, name: str, info: SceneInf
 def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
     """Run every scene of ``spec``; scenes finished by an earlier run of the same job are skipped."""
     model = resolve_model(spec)
+    check_job_things(spec, model.class_names)
     scenes = _validate_scenes(spec, model)
     if model.source.in_channels == 0:  # random weights: as many bands as the first scene selects
         first = scenes[0].bands
         if any(len(s.bands) != len(first) for s in scenes):
             raise SpecError("scenes have different band counts; select the same number of bands with `bands`")
-        model = ResolvedModel(
-            ModelSource(model.source.name, len(first), model.source.num_classes, model.source.options, None, model.source.seed),
-            model.class_names, model.bands, model.mean, model.std, None,
-        )
+        model = replace(model, source=replace(model.source, in_channels=len(first)))
     if spec.stitch == "auto":  # blend when a pixel's output depends on the whole tile (image pooling)
         from workers.models import model_info
 
@@ -528,7 +599,7 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
     claim_output(layout, job_id, spec.model_dump(mode="json"))
     result = JobResult(job_id, layout, model)
     states = start_scene_states(
-        layout, job_id, model_key(model.checkpoint_sha256, spec.model, dict(spec.model_options), spec.seed),
+        layout, job_id, model_key(model.checkpoint_sha256, spec.model, dict(spec.model_options), spec.seed, model.init_sha256),
         [(s.name, str(s.spec.image), len(ChunkGrid(s.info.height, s.info.width, spec.effective_chunk_size))) for s in scenes],
     )
     job = None
@@ -561,6 +632,9 @@ def run_job(spec: JobSpec, *, show_progress: bool = True) -> JobResult:
         for a, _ in job.actors:
             ray.kill(a)
     _write_aggregates(layout, job_id)
+    from pipeline.stac_output import write_stac
+
+    write_stac(layout, [s.name for s in scenes])  # a STAC item per complete scene, and the job's collection
     unexpected = [err for _, err in failures if user_error(err) is None]
     if unexpected:
         raise unexpected[0]  # not the user's doing: as it is, with its traceback

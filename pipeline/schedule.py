@@ -152,17 +152,24 @@ class TickPlan:
 
 def schedule_model_key(spec: ScheduleSpec) -> str:
     """The model key the tick's job will record (see pipeline.job_folder.model_key)."""
-    ckpt = spec.job.get("checkpoint")
+    ckpt, init = spec.job.get("checkpoint"), spec.job.get("init")
     if ckpt:
-        from workers.models.checkpoint import file_sha256
+        return model_key(_weights_sha256(ckpt, "checkpoint"), None)
+    init_sha256 = _weights_sha256(init, "init weights") if init else None
+    return model_key(
+        None, spec.job.get("model"), dict(spec.job.get("model_options") or {}), int(spec.job.get("seed", 0)), init_sha256
+    )
 
-        try:
-            return model_key(file_sha256(ckpt), None)
-        except OSError as err:
-            raise SpecError(
-                f"{ckpt}: cannot read the checkpoint here ({err.strerror}); the scheduler hashes it to tell done scenes"
-            ) from None
-    return model_key(None, spec.job.get("model"), dict(spec.job.get("model_options") or {}), int(spec.job.get("seed", 0)))
+
+def _weights_sha256(path: str, what: str) -> str:
+    from workers.models.checkpoint import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError as err:
+        raise SpecError(
+            f"{path}: cannot read the {what} here ({err.strerror}); the scheduler hashes it to tell done scenes"
+        ) from None
 
 
 def discover_scenes(spec: ScheduleSpec, log: Log = _stderr) -> list[str]:

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 from schemas.errors import ClusterError, JobNotFoundError, SpecError, first_line
 from schemas.job import JobSpec, job_from_dict
+from schemas.rasters import gdal_path
 
 __all__ = [
     "SPEC_ENV",
@@ -124,8 +125,13 @@ def jobs_client(address: str):
         ) from None
 
 
-def _absolute(path: Path | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().absolute())
+def _absolute(path: Path | str | None) -> str | None:
+    """A local path made absolute; a remote or virtual one (``s3://``, ``https://``, ``/vsi*/``) as written."""
+    if path is None:
+        return None
+    if gdal_path(str(path)) is not None:
+        return str(path)
+    return str(Path(path).expanduser().absolute())
 
 
 def shipped_spec(spec: JobSpec) -> JobSpec:
@@ -135,6 +141,7 @@ def shipped_spec(spec: JobSpec) -> JobSpec:
         scene["image"] = _absolute(scene["image"])
         scene["labels"] = _absolute(scene["labels"])
     data["checkpoint"] = _absolute(data["checkpoint"])
+    data["init"] = _absolute(data.get("init"))
     data["out"] = _absolute(data["out"])
     data["address"] = None
     return job_from_dict(data)

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 import rasterio
@@ -32,6 +32,9 @@ from pipeline.train_state import TrainState, capture_rng, load_train_state, rest
 from schemas.errors import SpecError
 from schemas.job import TILE_MULTIPLE, check_device, resolve_device
 from workers.reader import check_bands, check_labels_match, open_scene, read_image_window, read_label_window
+
+if TYPE_CHECKING:
+    from workers.models.pretrained import InitReport
 
 __all__ = [
     "TrainData",
@@ -340,6 +343,7 @@ def _provenance(config: dict[str, Any], settings: TrainSettings, best_epoch: int
         "device": device.type,
         "precision": "bf16 autocast" if amp else "fp32",
         "satseg_version": __version__,
+        **({"init": config["init"]} if "init" in config else {}),
     }
 
 
@@ -353,13 +357,18 @@ def train_model(
     resume: bool = False,
     show_progress: bool = True,
     on_epoch_end: Callable[[EpochReport], None] | None = None,
+    init: str | Path | None = None,
+    on_init: Callable[[InitReport], None] | None = None,
 ) -> TrainResult:
     """Fit ``model_name`` on ``data``; ``out`` gets the best epoch by validation mean IoU.
 
     With ``resume``, continue from the state beside ``out`` (same settings; ``epochs`` may
-    grow, which stretches the poly learning-rate decay over the new total).
+    grow, which stretches the poly learning-rate decay over the new total). With ``init``,
+    start from published weights (:mod:`workers.models.pretrained`, adapted to the bands and
+    classes; ``on_init`` hears what was loaded) instead of random ones.
     """
     from workers.models import create_model, save_checkpoint
+    from workers.models.pretrained import load_pretrained, weights_sha256
 
     images, labels = data.images, data.labels
     epochs, steps_per_epoch, batch_size, crop = settings.epochs, settings.steps_per_epoch, settings.batch_size, settings.crop
@@ -388,6 +397,8 @@ def train_model(
         "crop": crop, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "lr": settings.lr, "seed": seed,
         "val_fraction": settings.val_fraction, "val_crops": settings.val_crops,
     }
+    if init is not None:  # by content, so the same weights moved elsewhere still resume
+        config["init_sha256"] = weights_sha256(init)
     state = load_train_state(state_path) if resume else None
     if state is not None:
         _check_resumable(state, config, epochs, state_path)
@@ -409,7 +420,15 @@ def train_model(
         )
 
     memory = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    model = create_model(model_name, len(bands), c, **options).to(dev, memory_format=memory)
+    model = create_model(model_name, len(bands), c, **options)
+    if init is not None and state is None:
+        started_from = load_pretrained(model, model_name, init)
+        config["init"] = started_from.provenance()  # kept in the train state, so a resumed run's checkpoint says it too
+        if on_init is not None:
+            on_init(started_from)
+    elif state is not None and "init" in state.config:
+        config["init"] = state.config["init"]
+    model = model.to(dev, memory_format=memory)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=_WEIGHT_DECAY)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total) ** _POLY_POWER)
@@ -433,7 +452,7 @@ def train_model(
     t0 = time.perf_counter()
     with progress_bar(show_progress) as progress:
         bar = progress.add_task(_describe(model_name, start, epochs, losses, steps_per_epoch, history, best_epoch),
-                                total=total, completed=start * steps_per_epoch)
+                                total=total, completed=start * steps_per_epoch, unit="steps")
         for epoch in range(start, epochs):
             draws = _draw(rng, splits, "train", crop, pool_size)
             seen.extend(draws)

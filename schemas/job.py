@@ -13,15 +13,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from schemas.errors import SpecError
+from schemas.rasters import RasterPath
 from schemas.store import MASK_NODATA
 from schemas.specfile import (
     MAX_NAME_LENGTH, check_path_length, check_safe_name, describe, excerpt, quoted, read_mapping, resolve_path,
 )
 
-__all__ = ["TILE_MULTIPLE", "DEVICES", "MAX_MODEL_OPTIONS", "check_model_options", "check_device", "resolve_device", "SceneSpec", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "LATER_FIELDS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
+__all__ = ["TILE_MULTIPLE", "DEVICES", "MAX_MODEL_OPTIONS", "check_model_options", "check_device", "resolve_device", "SceneSpec", "ClassSpec", "parse_color", "ScoringSpec", "JobSpec", "RUN_SETTINGS", "LATER_FIELDS", "load_job", "load_evaluation_spec", "job_from_dict", "default_chunk_size"]
 
 TILE_MULTIPLE = 32
 """Tile (and training crop) height and width are multiples of this: the models' coarsest feature map is 1/32."""
@@ -99,24 +100,65 @@ def check_model_options(options: object) -> dict:
     return options
 
 
+MAX_STAC_BANDS = 64
+"""Most assets a STAC scene stacks (Sentinel-2 has 13 bands, Landsat 11)."""
+
+
 class SceneSpec(BaseModel):
-    """One scene: an image, optionally its label raster, and a name for its outputs."""
+    """One scene: an image, optionally its label raster, and a name for its outputs.
+
+    ``image`` and ``labels`` are local paths or remote and virtual ones GDAL reads (`schemas.rasters`: ``s3://``,
+    ``gs://``, ``http(s)://``, ``/vsi*/``), kept as written. With ``stac_bands`` the image is a STAC Item (a local
+    JSON file or an http(s) URL) whose assets of those bands, by common name or asset key, are stacked in that order.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image: Path
-    labels: Path | None = None
+    image: RasterPath
+    labels: RasterPath | None = None
     name: str | None = None
+    stac_bands: list[str] | None = None
+    instances: RasterPath | None = None  # true object ids (0: none) beside `labels`, for object metrics (`things`)
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
         return v if v is None else check_safe_name(v)
 
-    @field_validator("image", "labels")
+    @field_validator("image", "labels", "instances")
     @classmethod
     def _path_length(cls, v: Path | None) -> Path | None:
         return check_path_length(v)
+
+    @model_validator(mode="after")
+    def _instances_need_labels(self) -> "SceneSpec":
+        if self.instances is not None and self.labels is None:
+            raise ValueError("`instances` (true object ids) go with `labels` (their classes); give both")
+        return self
+
+    @field_validator("stac_bands")
+    @classmethod
+    def _stac_bands(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not 1 <= len(v) <= MAX_STAC_BANDS:
+            raise ValueError(f"give 1 to {MAX_STAC_BANDS} band names, e.g. [blue, green, red, nir] (got {len(v)})")
+        for band in v:
+            if not band.strip() or len(band) > 64:
+                raise ValueError(f"a band name is a common name or asset key of 1 to 64 characters (got {quoted(band, 40)})")
+        twice = sorted({b for b in v if v.count(b) > 1})
+        if twice:
+            raise ValueError(f"band {quoted(twice[0], 40)} is listed twice; list each band once")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_unset_stac_bands(self, handler):
+        """A scene without ``stac_bands`` dumps as it did before the field existed, so job ids stay the same."""
+        data = handler(self)
+        for key in ("stac_bands", "instances"):  # `instances` likewise
+            if getattr(self, key) is None and isinstance(data, dict):
+                data.pop(key, None)
+        return data
 
     @property
     def scene_name(self) -> str:
@@ -133,15 +175,75 @@ def default_chunk_size(tile_size: int, overlap: int) -> int:
     return stride * max(1, round(2048 / stride))
 
 
+_HEX_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+
+
+def parse_color(value: object) -> str:
+    """A class colour as ``#rrggbb`` (lower case), from ``"#rrggbb"`` or ``[r, g, b]`` (0 to 255): the one syntax rule."""
+    if isinstance(value, str) and _HEX_COLOR.match(value):
+        return value.lower()
+    if (
+        isinstance(value, (list, tuple)) and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
+    ):
+        return "#{:02x}{:02x}{:02x}".format(*value)
+    raise ValueError(f'color {quoted(value, 40)} is neither "#rrggbb" nor [r, g, b] with values 0 to 255')
+
+
+class ClassSpec(BaseModel):
+    """A class given with its colour, ``{name: water, color: "#1f78b4"}``; a class without one is its plain name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    color: str
+
+    @field_validator("color", mode="before")
+    @classmethod
+    def _color(cls, v: object) -> str:
+        return parse_color(v)
+
+
+def _class_entry(entry: object, where: object) -> object:
+    """One entry of ``classes`` as a plain name, or a `ClassSpec` when it carries a colour.
+
+    An entry whose colour is left out is its plain name, so a job without colours keeps its job id.
+    """
+    if isinstance(entry, (str, ClassSpec)):
+        return entry
+    if not isinstance(entry, dict):
+        raise ValueError(f"class {where}: give a name or {{name: ..., color: \"#rrggbb\"}} (got {excerpt(entry, 40)})")
+    unknown = sorted(str(k) for k in entry if k not in ("name", "color"))
+    if unknown:
+        raise ValueError(f"class {where}: unknown key {quoted(unknown[0], 40)}; a class takes `name` and `color`")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"class {where}: give its `name` (a string)")
+    if "color" not in entry:
+        return name
+    if entry["color"] is None:  # YAML reads an unquoted #rrggbb as a comment
+        raise ValueError(f'class {where} ({excerpt(name, 40)}): color is empty; quote it, color: "#1f78b4", or give [r, g, b]')
+    try:
+        return ClassSpec(name=name, color=parse_color(entry["color"]))
+    except ValueError as err:
+        raise ValueError(f"class {where} ({excerpt(name, 40)}): {err}") from None
+
+
+def _entry_name(entry: str | ClassSpec) -> str:
+    return entry.name if isinstance(entry, ClassSpec) else entry
+
+
 class ScoringSpec(BaseModel):
     """How a job's masks are scored: the classes (names, or label value -> name) and the metric settings.
 
     `satseg run` takes it as part of a job; `satseg evaluate --job` reads only this part of a job file.
+    A class may carry its colour (`ClassSpec`); the colours go to every output and, only when given, into the job id.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    classes: list[str] | dict[int, str] | None = None  # names, or label value -> name
+    # names, or label value -> name; each name may instead be {name, color}
+    classes: list[str | ClassSpec] | dict[int, str | ClassSpec] | None = None
     ignore_index: int = 255
     boundary_width: int = Field(default=3, ge=1, le=256)  # boundary IoU band, in pixels
     boundary_ratio: float | None = Field(default=None, gt=0, lt=1)  # the paper's rule: ratio of the diagonal
@@ -149,21 +251,41 @@ class ScoringSpec(BaseModel):
     # how pixels that are no class shape boundary bands: neutral (satseg's), or the reference implementation's rule
     boundary_convention: Literal["neutral", "reference"] = "neutral"
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_entries(cls, v: object) -> object:
+        if isinstance(v, (list, tuple)):
+            return [_class_entry(e, i) for i, e in enumerate(v)]
+        if isinstance(v, dict):
+            return {k: _class_entry(e, k) for k, e in v.items()}
+        return v
+
     @model_validator(mode="after")
     def _mapping(self):
         if isinstance(self.classes, dict):
-            if len(set(self.classes.values())) != len(self.classes):
+            if len(set(self.class_names)) != len(self.classes):
                 raise ValueError("class names in the `classes` mapping must be unique")
             if self.ignore_index is not None and self.ignore_index in self.classes:
                 raise ValueError(f"label value {self.ignore_index} is both a class and ignore_index; change one of them")
         return self
 
-    @property
-    def class_names(self) -> list[str] | None:
-        """Class names in class-index order."""
+    def _entries(self) -> list[str | ClassSpec] | None:
         if isinstance(self.classes, dict):
             return list(self.classes.values())
         return list(self.classes) if self.classes is not None else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names in class-index order."""
+        entries = self._entries()
+        return [_entry_name(e) for e in entries] if entries is not None else None
+
+    @property
+    def class_colors(self) -> list[str | None] | None:
+        """Each class's colour as ``#rrggbb`` in class-index order (None: not given); None when no class has one."""
+        entries = self._entries() or []
+        colors = [e.color if isinstance(e, ClassSpec) else None for e in entries]
+        return colors if any(colors) else None
 
     @property
     def label_values(self) -> list[int] | None:
@@ -171,7 +293,7 @@ class ScoringSpec(BaseModel):
         return list(self.classes) if isinstance(self.classes, dict) else None
 
 
-LATER_FIELDS = {"boundary_convention": "neutral"}
+LATER_FIELDS = {"boundary_convention": "neutral", "things": None, "connectivity": 4, "simplify": None}
 """Identity fields added after jobs had run, with the value those jobs had; see `JobSpec.identity`."""
 
 RUN_SETTINGS = frozenset({"out", "address", "num_actors", "max_windows_in_flight", "batch_size", "compile", "device"})
@@ -189,6 +311,7 @@ class JobSpec(ScoringSpec):
     scenes: list[SceneSpec] = Field(min_length=1)
     model: str | None = None
     checkpoint: Path | None = None
+    init: Path | None = None  # published weights `model` starts from (workers.models.pretrained); not with checkpoint
     model_options: dict = Field(default_factory=dict)
     bands: list[int] | None = None
     tile_size: int = 512
@@ -206,8 +329,11 @@ class JobSpec(ScoringSpec):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     save_probabilities: bool = False  # per-class probabilities (uint8) beside the mask: PR curves and AP
+    things: list[str] | None = None  # classes whose connected components are objects (pipeline/objects.py)
+    connectivity: Literal[4, 8] = 4  # objects' pixels join across edges (4) or also corners (8)
+    simplify: float | None = Field(default=None, ge=0)  # polygon simplification tolerance, map units
 
-    @field_validator("checkpoint", "out")
+    @field_validator("checkpoint", "init", "out")
     @classmethod
     def _path_length(cls, v: Path | None) -> Path | None:
         return check_path_length(v)
@@ -239,6 +365,8 @@ class JobSpec(ScoringSpec):
             raise ValueError(f"chunk_size must be at least {TILE_MULTIPLE} (got {self.chunk_size})")
         if self.model is None and self.checkpoint is None:
             raise ValueError("give a model name or a checkpoint")
+        if self.init is not None and self.checkpoint is not None:
+            raise ValueError("give `init` (published weights for `model`) or `checkpoint` (a satseg model), not both")
         if self.classes is not None and len(self.classes) > MASK_NODATA:
             raise ValueError(f"at most {MASK_NODATA} classes fit a uint8 mask with nodata {MASK_NODATA} (got {len(self.classes)})")
         if self.checkpoint is None and not self.classes:
@@ -248,6 +376,15 @@ class JobSpec(ScoringSpec):
         if dup:
             more = f" and {len(dup) - 5} more" if len(dup) > 5 else ""
             raise ValueError(f"scene names must be unique; give `name` to scenes {', '.join(dup[:5])}{more}")
+        if self.things is not None:
+            unknown = [t for t in self.things if self.class_names is not None and t not in self.class_names]
+            if not self.things or unknown:
+                raise ValueError(
+                    f"things must name classes of the job ({', '.join(self.class_names or [])}; got {quoted(unknown[0], 40)})"
+                    if unknown else "things lists at least one class; leave it out for no objects"
+                )
+        if any(s.instances is not None for s in self.scenes) and not self.things:
+            raise ValueError("scenes give `instances` (true object ids): give `things` too, the classes they are of")
         return self
 
     @property
@@ -258,9 +395,10 @@ class JobSpec(ScoringSpec):
         """Every field that determines the outputs (all but `RUN_SETTINGS`), as JSON values; scenes in a fixed order.
 
         A field added after jobs were already run (`LATER_FIELDS`) counts only when it differs from the value those
-        jobs had implicitly, so their folders keep their job ids and still resume.
+        jobs had implicitly, so their folders keep their job ids and still resume. ``init`` counts by its content,
+        not its path: `pipeline.run.job_id_of` adds the file's SHA-256.
         """
-        keep = self.model_dump(mode="json", exclude=set(RUN_SETTINGS))
+        keep = self.model_dump(mode="json", exclude=set(RUN_SETTINGS) | {"init"})
         keep["scenes"] = sorted(keep["scenes"], key=lambda s: s["image"])
         for name, implicit in LATER_FIELDS.items():
             if keep.get(name) == implicit:
@@ -296,10 +434,10 @@ def load_job(path: str | Path) -> JobSpec:
     if isinstance(data.get("scenes"), list):
         for scene in data["scenes"]:
             if isinstance(scene, dict):
-                for key in ("image", "labels"):
+                for key in ("image", "labels", "instances"):
                     if isinstance(scene.get(key), str):
                         scene[key] = resolve_path(scene[key], base)
-    for key in ("checkpoint", "out"):
+    for key in ("checkpoint", "init", "out"):
         if isinstance(data.get(key), str):
             data[key] = resolve_path(data[key], base)
     return job_from_dict(data, str(path))

@@ -126,7 +126,7 @@ def schedule_from_dict(data: dict, source: str = "schedule") -> ScheduleSpec:
 
 
 def load_schedule(path: str | Path) -> ScheduleSpec:
-    """Read and validate a schedule YAML; relative paths (glob, manifest, labels, checkpoint, out) are relative to it."""
+    """Read and validate a schedule YAML; relative paths (glob, manifest, labels, checkpoint, init, out) are relative to it."""
     path = Path(path)
     data = read_mapping(path, "schedule file", "name, cron, scenes, job and out")
     base = path.absolute().parent
@@ -140,6 +140,8 @@ def load_schedule(path: str | Path) -> ScheduleSpec:
     if isinstance(data.get("out"), str):
         data["out"] = resolve_path(data["out"], base)
     job = data.get("job")
-    if isinstance(job, dict) and isinstance(job.get("checkpoint"), str):
-        data["job"] = {**job, "checkpoint": resolve_path(job["checkpoint"], base)}
+    if isinstance(job, dict):
+        for key in ("checkpoint", "init"):
+            if isinstance(job.get(key), str):
+                job = data["job"] = {**job, key: resolve_path(job[key], base)}
     return schedule_from_dict(data, str(path))

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from yaml.events import AliasEvent
 
 from schemas.errors import SpecError, printable
+from schemas.rasters import gdal_path
 
 __all__ = [
     "SAFE_NAME",
@@ -256,6 +257,9 @@ def read_mapping(path: Path, kind: str, expected: str) -> dict:
 
 
 def resolve_path(path: str, base: Path) -> str:
-    """``path`` with ``~`` expanded, relative to ``base`` unless absolute."""
+    """``path`` with ``~`` expanded, relative to ``base`` unless absolute; a remote or virtual path (``s3://``,
+    ``https://``, ``/vsi*/``: `schemas.rasters.gdal_path`) stays exactly as written."""
+    if gdal_path(path) is not None:
+        return path
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else base / p)

@@ -22,7 +22,10 @@ __all__ = ["MASK_NODATA", "OutputLayout", "ScheduleLayout", "REPORT_TABLES", "is
 MASK_NODATA = 255
 """The class masks' nodata value (uint8): no class, never counted. So a job has at most 255 classes."""
 
-REPORT_TABLES = ("tiles", "classes", "scenes", "curves", "aggregates", "runs")  # runs: one row per schedule tick
+REPORT_TABLES = (
+    "tiles", "classes", "scenes", "curves", "aggregates", "runs",  # runs: one row per schedule tick
+    "objects", "object_metrics", "object_misses",  # jobs with `things`
+)
 
 
 def is_zarr_node(path: Path) -> bool:
@@ -32,7 +35,8 @@ def is_zarr_node(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """``OUT/job.json``, ``OUT/masks/<scene>.zarr``, ``OUT/reports/<table>/job_id=<id>/``, ``OUT/state/``."""
+    """``OUT/job.json``, ``OUT/masks/<scene>.zarr``, ``OUT/reports/<table>/job_id=<id>/``, ``OUT/state/``,
+    ``OUT/stac/`` (a STAC Collection and an Item per mask), ``OUT/report.html``."""
 
     root: Path
 
@@ -76,6 +80,24 @@ class OutputLayout:
     def status_file(self, scene: str) -> Path:
         """The scene's last state (pending, running, done, failed) for `satseg status`; not the record of done."""
         return self.state / scene / "status.json"
+
+    @property
+    def html_report(self) -> Path:
+        """Where `satseg report OUT` writes the run's HTML report by default."""
+        return self.root / "report.html"
+
+    @property
+    def stac(self) -> Path:
+        return self.root / "stac"
+
+    @property
+    def stac_collection(self) -> Path:
+        """The job's STAC Collection, linking every scene's item."""
+        return self.stac / "collection.json"
+
+    def stac_item(self, scene: str) -> Path:
+        """The STAC Item of a scene's mask (written once the scene is complete)."""
+        return self.stac / "items" / f"{scene}.json"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# commands run by the tests log to a file of their own, not to the user's ~/.local/state/satseg/satseg.log
+os.environ.setdefault("SATSEG_LOG_FILE", os.path.join(tempfile.mkdtemp(prefix="satseg-tests-"), "satseg.log"))
 
 CLASSES = ["water", "forest", "cropland", "urban", "bare_soil"]
 TINY = {"width_multiplier": 0.25}

@@ -90,7 +90,8 @@ def test_cog_colour_table_and_class_names(cog):
 def test_export_cog_function_reports_what_it_wrote(store, tmp_path):
     result = export_cog(store[0], tmp_path / "x.tif")
     assert result.shape == (H, W) and result.class_names == NAMES and result.overviews == [2, 4]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tif"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.qml", "x.tif", "x.tif.aux.xml"]  # no temporary files left
+    assert (result.style, result.categories, result.stac_item) == (tmp_path / "x.qml", tmp_path / "x.tif.aux.xml", None)
 
 
 def _one_line_error(capsys, argv, fragment):

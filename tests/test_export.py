@@ -196,7 +196,6 @@ def test_read_export_metadata_refuses_a_file_without_it(exported):
     ("argv", "fragment"),
     [
         (["{missing}"], "checkpoint not found"),
-        (["{ckpt}", "--format", "onnx"], "ONNX export is not available"),
         (["{ckpt}", "--tile", "80"], "multiple of 32"),
         (["{ckpt}", "--out", "{ckpt}"], "is the checkpoint itself"),
     ],

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import shapely
 import torch
 import xarray as xr
 import zarr
@@ -120,8 +121,9 @@ def test_reports_hold_exact_metrics(blend_run, odd_scene):
     assert np.array_equal(total, expected)
     assert sum(t["valid_pixels"] for t in tiles) == int((mask != 255).sum())
     first = min(tiles, key=lambda t: (t["chunk_row"], t["chunk_col"]))
-    with rasterio.open(odd_scene.image) as src:
-        assert (first["bbox"]["xmin"], first["bbox"]["ymax"]) == pytest.approx((src.bounds.left, src.bounds.top))
+    with rasterio.open(odd_scene.image) as src:  # the footprint in the scene CRS (geometry and bbox are lon/lat)
+        left, _, _, top = shapely.from_wkb(first["geometry_native"]).bounds
+        assert (left, top) == pytest.approx((src.bounds.left, src.bounds.top))
     classes = pq.read_table(reports / "classes").to_pylist()
     assert [c["class_name"] for c in classes] == CLASSES
     for c in classes:
@@ -214,8 +216,10 @@ def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_sc
                  "seed": 1, "save_probabilities": True, "bands": [1, 2, 3, 4], "model_options": {"width_multiplier": 0.5},
                  "classes": CLASSES[::-1], "ignore_index": 0, "boundary_width": 2, "boundary_ratio": 0.01,
                  "trimap_max_width": 4, "model": "hrnet_w18_small_v2", "boundary_convention": "reference",
+                 "things": ["water"], "connectivity": 8, "simplify": 1.0,
                  "scenes": [{"image": str(odd_scene.image), "name": "other"}]}
-    identity = set(JobSpec.model_fields) - RUN_SETTINGS - {"checkpoint"}  # the checkpoint counts by its content hash
+    # the checkpoint and the init weights count by their content hash (test_pretrained checks init's)
+    identity = set(JobSpec.model_fields) - RUN_SETTINGS - {"checkpoint", "init"}
     assert set(different) == identity  # every identity field is tried
     assert "boundary_convention" not in base.identity()  # added later: jobs run before keep their ids at its default
     for key, value in different.items():

@@ -93,19 +93,26 @@ def ref_boundary_iou_n(t, p, d):
         ref.C = old
 
 
-def test_tiles_table_is_geoparquet_with_the_scene_crs(prob_run, odd_scene):
+def test_tiles_table_is_geoparquet_in_lonlat_with_the_scene_crs_beside(prob_run, odd_scene):
     geopandas = pytest.importorskip("geopandas")
+    import shapely
+    from pyproj import CRS
+    from rasterio.warp import transform_bounds
+
     files = sorted((prob_run.layout.reports / "tiles").glob("*/*.parquet"))
     meta = json.loads(pq.read_schema(files[0]).metadata[b"geo"])
     assert meta["version"] == "1.1.0" and meta["primary_column"] == "geometry"
     gdf = geopandas.read_parquet(files[0])
+    assert gdf.crs == CRS("OGC:CRS84")  # lon/lat for every scene, whatever its zone
     with rasterio.open(odd_scene.image) as src:
-        assert gdf.crs == src.crs
+        assert CRS.from_wkt(gdf["crs"].iloc[0]) == CRS(src.crs.to_wkt()) and set(gdf["epsg"]) == {src.crs.to_epsg()}
         left, bottom, right, top = src.bounds
+        lonlat = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
     assert len(gdf) == 16
-    minx, miny, maxx, maxy = gdf.total_bounds
-    assert (minx, miny, maxx, maxy) == pytest.approx((left, bottom, right, top))
-    assert gdf.geometry.area.sum() == pytest.approx((right - left) * (top - bottom))
+    assert tuple(gdf.total_bounds) == pytest.approx(lonlat, abs=1e-9)
+    native = geopandas.GeoSeries(shapely.from_wkb(gdf["geometry_native"]))
+    assert tuple(native.total_bounds) == pytest.approx((left, bottom, right, top))
+    assert native.area.sum() == pytest.approx((right - left) * (top - bottom))
     first = gdf.iloc[0]
     box = pq.read_table(files[0]).to_pylist()[0]["bbox"]  # the covering column (geopandas reads it as bbox filters)
     assert first.geometry.bounds == pytest.approx((box["xmin"], box["ymin"], box["xmax"], box["ymax"]))

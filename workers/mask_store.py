@@ -5,13 +5,18 @@
 - ``mask``: (H, W) uint8 class indices with ``x``/``y`` pixel-centre
   coordinates, CRS and transform as xarray/rioxarray write them; its fill
   value is the nodata value (255), so a chunk never written reads back as
-  nodata, not as class 0. Attributes: ``class_names``, ``satseg_job_id``,
+  nodata, not as class 0. Attributes: ``class_names``, ``class_colors``
+  (``#rrggbb`` per class, as every output draws it), ``satseg_job_id``,
   ``source_image``, and ``satseg_complete``, which turns true last
   (ARCHITECTURE.md, invariant 6): it is the one record that a scene is done.
 - ``probabilities``: optional (C, H, W) uint8, p = value / 255, chunked like
   the mask.
+- ``instances``: optional (H, W) uint32 object ids (0: no object) of a job with
+  ``things``, chunked and georeferenced like the mask (``pipeline/objects.py``
+  computes them); ``satseg_complete`` on it turns true after its last chunk.
 - ``1/mask``, ``2/mask``, ...: overview levels (``pipeline/overviews.py``
-  computes them; their arrays are made here, from the same template).
+  computes them; their arrays are made here, from the same template, with
+  level 0's class names and colours).
 
 Each chunk is written by exactly one task, aligned to the store's chunks, so no
 locks are needed (invariant 2). Everything else that creates, writes, opens or
@@ -33,6 +38,7 @@ import zarr
 from pipeline.core.geometry import Window
 from pipeline.core.metrics import MASK_NODATA
 from schemas.errors import InputFileError
+from schemas.job import parse_color
 from schemas.store import is_zarr_node
 from workers.reader import SceneInfo
 
@@ -46,12 +52,18 @@ __all__ = [
     "create_probabilities_array",
     "write_mask_chunk",
     "write_probabilities_chunk",
+    "INSTANCES",
+    "create_instances_array",
+    "write_instances_chunk",
+    "mark_instances_complete",
+    "instances_complete",
     "chunk_digest",
     "mark_chunk_done",
     "intact_chunks",
     "mark_complete",
     "is_complete",
     "is_mask_store",
+    "stored_class_colors",
     "consolidate",
     "open_mask_store",
     "zarr_mask",
@@ -64,6 +76,7 @@ MASK, PROBABILITIES = "mask", "probabilities"
 NO_TRANSFORM = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 """The affine transform of a raster without georeference: pixel units, north up."""
 _COMPLETE, _JOB = "satseg_complete", "satseg_job_id"
+_COLORS = "class_colors"
 
 
 def _template(shape: tuple[int, int], transform, crs, chunk: tuple[int, int], attrs: dict):
@@ -89,11 +102,25 @@ def _template(shape: tuple[int, int], transform, crs, chunk: tuple[int, int], at
     return mask.to_dataset(), encoding
 
 
+def _class_attributes(class_names: list[str], class_colors: list[str] | None) -> dict:
+    """What the mask says about its classes: names in index order and, when resolved by the driver, their colours."""
+    attrs: dict = {"class_names": list(class_names)}
+    if class_colors is not None:
+        if len(class_colors) != len(class_names):
+            raise ValueError(f"{len(class_colors)} class colours for {len(class_names)} classes")
+        attrs[_COLORS] = [parse_color(c) for c in class_colors]
+    return attrs
+
+
 def create_mask_store(
-    store: Path, scene: SceneInfo, chunk: int, *, class_names: list[str], job_id: str, source_image: str | None = None
+    store: Path, scene: SceneInfo, chunk: int, *, class_names: list[str], job_id: str, source_image: str | None = None,
+    class_colors: list[str] | None = None,
 ) -> None:
-    """Create ``store`` with an empty ``mask`` of the scene's shape, CRS and transform, not yet complete."""
-    attrs = {"class_names": list(class_names), _JOB: job_id, _COMPLETE: False}
+    """Create ``store`` with an empty ``mask`` of the scene's shape, CRS and transform, not yet complete.
+
+    ``class_colors`` (``#rrggbb`` per class, `pipeline.palette` resolves them) go to the attributes with the names.
+    """
+    attrs = {**_class_attributes(class_names, class_colors), _JOB: job_id, _COMPLETE: False}
     if source_image is not None:
         attrs["source_image"] = source_image
     ds, encoding = _template((scene.height, scene.width), scene.affine, scene.crs, (chunk, chunk), attrs)
@@ -105,7 +132,8 @@ def create_mask_store(
 def create_level_array(store: Path, level: int, shape: tuple[int, int], transform, crs, chunk: int) -> tuple[int, int]:
     """Create overview ``level`` (group ``level``, array ``mask``) empty and georeferenced; returns its chunk shape."""
     chunks = (min(chunk, shape[0]), min(chunk, shape[1]))
-    ds, encoding = _template(shape, transform, crs, chunks, {"overview_level": level, "resampling_method": "mode"})
+    classes = {k: v for k, v in _mask_attributes(store).items() if k in ("class_names", _COLORS)}  # as level 0 says
+    ds, encoding = _template(shape, transform, crs, chunks, {"overview_level": level, "resampling_method": "mode", **classes})
     ds.to_zarr(store, group=str(level), mode="w", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
     return chunks
 
@@ -134,6 +162,52 @@ def create_probabilities_array(store: Path, class_names: list[str], chunk: int) 
 def write_probabilities_chunk(store: Path, window: Window, probabilities: np.ndarray) -> None:
     arr = zarr.open_array(str(store), path=PROBABILITIES, mode="r+")
     arr[:, window.row_off : window.row_stop, window.col_off : window.col_stop] = probabilities
+
+
+INSTANCES = "instances"
+
+
+def create_instances_array(store: Path, attrs: dict) -> None:
+    """Add ``instances`` (H, W) uint32 to a mask store, empty (0: no object), chunked and georeferenced like the mask.
+
+    ``attrs`` say how the ids were made (connectivity, thing classes, the id rule). It is not complete until
+    `mark_instances_complete`; one task writes each chunk (`write_instances_chunk`).
+    """
+    mask = zarr.open_array(str(store), path=MASK, mode="r")
+    root = zarr.open_group(str(store), mode="r+")
+    arr = root.create_array(
+        INSTANCES, shape=mask.shape, chunks=mask.chunks, dtype="uint32", fill_value=0, dimension_names=("y", "x"),
+        overwrite=True,
+    )
+    grid_mapping = mask.attrs.get("grid_mapping")  # xarray/rioxarray find the CRS of `instances` through it
+    arr.attrs.update({
+        **({"grid_mapping": grid_mapping} if grid_mapping else {}),
+        **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in attrs.items()},
+        _COMPLETE: False,
+    })
+    consolidate(store)
+
+
+def write_instances_chunk(store: Path, window: Window, ids: np.ndarray) -> None:
+    """Write one chunk's object ids into its region of ``instances`` (one writer per chunk)."""
+    arr = zarr.open_array(str(store), path=INSTANCES, mode="r+")
+    arr[window.row_off : window.row_stop, window.col_off : window.col_stop] = ids
+
+
+def mark_instances_complete(store: Path, objects: int) -> None:
+    """Record that every chunk of ``instances`` is written, and how many objects it holds: its last write."""
+    arr = zarr.open_array(str(store), path=INSTANCES, mode="r+")
+    arr.attrs.update({"objects": int(objects), _COMPLETE: True})
+    consolidate(store)
+
+
+def instances_complete(store: Path) -> bool:
+    """Whether ``store`` holds an ``instances`` array whose every chunk is written."""
+    try:
+        meta = json.loads((Path(store) / INSTANCES / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("attributes") or {}).get(_COMPLETE) is True
 
 
 def write_mask_chunk(store: Path, window: Window, mask: np.ndarray) -> None:
@@ -172,6 +246,25 @@ def is_complete(store: Path) -> bool:
 def is_mask_store(path: Path) -> bool:
     """Whether ``path`` is a store a satseg job made (finished or not), as opposed to any other Zarr."""
     return _mask_attributes(path).get(_JOB) is not None
+
+
+def _json_list(value: object) -> list | None:
+    """A list attribute as stored (xarray writes lists as JSON text); None when it is no list."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return list(value) if isinstance(value, list) else None
+
+
+def stored_class_colors(path: Path) -> list[str] | None:
+    """The class colours a satseg store carries (``#rrggbb`` each); None for stores made before colours were kept."""
+    colors = _json_list(_mask_attributes(path).get(_COLORS))
+    try:
+        return [parse_color(c) for c in colors] if colors else None
+    except ValueError:
+        return None
 
 
 def chunk_digest(mask: np.ndarray, probabilities: np.ndarray | None = None) -> str:
@@ -234,6 +327,7 @@ class MaskStore:
     transform: tuple[float, float, float, float, float, float]
     job_id: str
     has_probabilities: bool
+    class_colors: list[str] | None = None  # #rrggbb per class; None for stores made before colours were kept
 
 
 def open_mask_store(store: str | Path, *, then: str) -> MaskStore:
@@ -248,13 +342,12 @@ def open_mask_store(store: str | Path, *, then: str) -> MaskStore:
         raise InputFileError(f"{store}: `mask` is {arr.ndim}-D {arr.dtype}, not a 2-D uint8 class mask; give a satseg mask store")
     if not is_complete(store):
         raise InputFileError(f"{store}: mask is not complete (its job was interrupted); rerun the job to finish it, then {then}")
-    names = arr.attrs.get("class_names") or []
-    if isinstance(names, str):
-        names = json.loads(names)
+    names = _json_list(arr.attrs.get("class_names")) or []
     crs, transform = zarr_georeference(store, MASK)
+    colors = stored_class_colors(store)
     return MaskStore(
         store, arr, list(names), crs, transform or NO_TRANSFORM, str(arr.attrs.get(_JOB)),
-        is_zarr_node(store / PROBABILITIES),
+        is_zarr_node(store / PROBABILITIES), colors if colors is not None and len(colors) == len(names) else None,
     )
 
 

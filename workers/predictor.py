@@ -34,7 +34,7 @@ from schemas.job import resolve_device
 from workers.reader import WindowData, normalise
 from workers.tta import dihedral_transforms
 
-__all__ = ["ModelSource", "TileCache", "TilePredictor", "TILE_CACHE_BYTES", "choose_batch_size", "pick_device",
+__all__ = ["ModelSource", "PROGRESS_GROUP", "TileCache", "TilePredictor", "TILE_CACHE_BYTES", "choose_batch_size", "pick_device",
            "use_deterministic_cuda_kernels"]
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,14 @@ TILE_CACHE_BYTES = 1 << 30
 """Tile outputs an actor keeps for the next chunk of its strip; the driver sizes strips to fit half of it."""
 
 
+PROGRESS_GROUP = "progress"
+"""The actor's concurrency group for `TilePredictor.progress`: answered in its own thread while a chunk is in work."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """How to build the model: from a checkpoint, or a registry name with seeded random weights."""
+    """How to build the model: from a checkpoint, or a registry name with seeded random weights (then, with
+    ``init``, published weights loaded over them by ``workers.models.pretrained``)."""
 
     name: str
     in_channels: int
@@ -56,6 +61,7 @@ class ModelSource:
     options: dict = field(default_factory=dict)
     checkpoint: str | None = None
     seed: int = 0
+    init: str | None = None
 
     def build(self) -> torch.nn.Module:
         from workers.models import build_from_checkpoint, create_model, load_checkpoint
@@ -63,7 +69,12 @@ class ModelSource:
         if self.checkpoint:
             return build_from_checkpoint(load_checkpoint(self.checkpoint))
         torch.manual_seed(self.seed)
-        return create_model(self.name, self.in_channels, self.num_classes, **self.options).eval()
+        model = create_model(self.name, self.in_channels, self.num_classes, **self.options)
+        if self.init:
+            from workers.models.pretrained import load_pretrained
+
+            load_pretrained(model, self.name, self.init)
+        return model.eval()
 
 
 def use_deterministic_cuda_kernels() -> None:
@@ -430,6 +441,11 @@ class TilePredictor:
         chunk_valid = valid[task.chunk.slices_in(read)]
         mask[~chunk_valid] = MASK_NODATA
         return (mask, quantise_probabilities(probs, chunk_valid)) if probabilities else (mask,)
+
+    def progress(self) -> int:
+        """Tiles predicted so far by this actor: the driver polls it (in the actor's own ``progress`` concurrency
+        group, so a chunk in work does not block it) to show progress within a chunk."""
+        return self.tiles_predicted
 
     def stats(self) -> dict:
         return {

@@ -4,13 +4,22 @@ The scene is never read whole: a window outside the scene is filled by
 reflection (numpy's "reflect" mode) from the pixels next to the edge, read
 through the same index arithmetic whichever chunk asks, so every chunk sees
 the same padded scene.
+
+A raster is read wherever GDAL reads it: a local file, a remote or virtual
+path (``s3://``, ``gs://``, ``http(s)://``, ``/vsi*/``, mapped to GDAL's name
+by `schemas.rasters.gdal_path`), or a STAC item's bands stacked as VRT text
+(`workers.stac_input`). GDAL's own configuration (``AWS_*``, ``GS_*``,
+``GDAL_HTTP_*``, from the environment) gives credentials and endpoints.
 """
 
 from __future__ import annotations
 
+import html
 import logging
+import os
+import re
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,11 +33,12 @@ from rasterio.crs import CRS
 
 from pipeline.core.geometry import Window, reflect_index
 from schemas.errors import InputFileError, MismatchError, first_line
+from schemas.rasters import gdal_path
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SceneInfo", "WindowData", "open_scene", "check_labels_match", "read_image_window", "read_label_window", "check_bands",
-           "normalise", "EXACT_IN_FLOAT32"]
+           "normalise", "EXACT_IN_FLOAT32", "grid_difference", "dataset_name", "VRT_NAME_KEY"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,12 @@ class SceneInfo:
     crs: str | None
     transform: tuple[float, float, float, float, float, float]
     nodata: float | None
+    source: str | None = None  # what GDAL opens when it is not `path` itself: a STAC item's bands stacked as VRT text
+
+    @property
+    def dataset(self) -> str:
+        """What the readers open (`read_image_window`'s ``path``): the stacked VRT text of a STAC item, else the path."""
+        return self.source or self.path
 
     @property
     def affine(self) -> "rasterio.Affine":
@@ -124,34 +140,128 @@ def normalise(image, has_data, mean, std):
     return image
 
 
+VRT_NAME_KEY = "satseg_name"
+"""The metadata item of a VRT text (a stacked STAC item) that names it in messages, where a path would."""
+
+_VRT_NAME = re.compile(r'<MDI key="' + VRT_NAME_KEY + r'">([^<]*)</MDI>')
+
+
+def _is_vrt_text(path: str) -> bool:
+    """Whether ``path`` is VRT text (GDAL opens the XML itself, as a file) rather than a path."""
+    return path.lstrip().startswith("<VRTDataset")
+
+
+def dataset_name(path: str) -> str:
+    """How messages name what ``path`` opens: the path as given, or a VRT text's own name (a STAC item and its bands)."""
+    if not _is_vrt_text(path):
+        return path
+    m = _VRT_NAME.search(path)
+    return html.unescape(m.group(1)) if m else "a VRT dataset"
+
+
+_NOT_FOUND = ("CPLE_AWSObjectNotFoundError", "CPLE_AWSBucketNotFoundError")
+_DENIED = ("CPLE_AWSAccessDeniedError", "CPLE_AWSInvalidCredentialsError", "CPLE_AWSSignatureDoesNotMatchError")
+_WHERE = "in the environment of satseg and of the Ray workers"
+
+
+def _credentials_fix(name: str) -> str:
+    """Where GDAL takes credentials for ``name`` (a GDAL path) from: its own configuration, from the environment."""
+    if name.startswith("/vsis3"):
+        return f"set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or AWS_NO_SIGN_REQUEST=YES for a public bucket, {_WHERE}"
+    if name.startswith("/vsigs"):
+        return (f"set GOOGLE_APPLICATION_CREDENTIALS (or GS_ACCESS_KEY_ID and GS_SECRET_ACCESS_KEY), or GS_NO_SIGN_REQUEST=YES "
+                f"for a public bucket, {_WHERE}")
+    if name.startswith(("/vsiaz", "/vsiadls")):
+        return (f"set AZURE_STORAGE_ACCOUNT with AZURE_STORAGE_ACCESS_KEY or AZURE_STORAGE_SAS_TOKEN "
+                f"(or AZURE_STORAGE_CONNECTION_STRING) {_WHERE}")
+    return f"give a URL the server lets you read (a signed URL, say), or its credentials in GDAL_HTTP_AUTH or GDAL_HTTP_HEADERS {_WHERE}"
+
+
+def _remote_failure(path: str, role: str, cause: BaseException | None, detail: str) -> InputFileError:
+    """GDAL's failure to open a remote or virtual ``path``, as one line: not found, access denied, unreachable, not a raster."""
+    kind = type(cause).__name__ if cause is not None else ""
+    code = re.search(r"HTTP response code: (\d+)", detail)
+    status = int(code.group(1)) if code else None
+    if kind in _NOT_FOUND or status in (404, 410) or "does not exist in the file system" in detail:
+        return InputFileError(f"{path}: {role} file not found ({detail}); check the path")
+    if kind in _DENIED or status in (401, 403):
+        return InputFileError(f"{path}: access denied ({detail}); {_credentials_fix(gdal_path(path) or path)}")
+    if kind == "CPLE_HttpResponseError" or "CURL error" in detail:
+        return InputFileError(f"{path}: cannot reach the {role} file ({detail}); check the URL, and that its server answers")
+    return InputFileError(f"{path}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)")
+
+
+REMOTE_DEFAULTS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "1"}
+"""GDAL configuration for remote and virtual rasters where the environment sets none of its own: do not list the
+file's folder nor probe for side-car files, a request each (as rio-tiler and TiTiler do for COGs), and retry a
+request the server answers 429 or 5xx three times (1 s, then doubling) rather than fail a chunk of a long job."""
+
+
+def _remote_defaults() -> dict[str, str]:
+    return {k: v for k, v in REMOTE_DEFAULTS.items() if k not in os.environ}
+
+
 @contextmanager
-def _opened(path: str, what: str):  # what: "open" or "read"
+def _opened(path: str, what: str, role: str = "image"):  # what: "open" or "read"
     """``rasterio.open(path)``, with GDAL's failures as one line naming the file and its first real cause.
 
+    ``path`` is a local path, a remote or virtual one (GDAL opens its `schemas.rasters.gdal_path` name: rasterio
+    would otherwise ask boto3 for AWS credentials, where GDAL's own configuration is the one rule), or VRT text.
     A raster without georeferencing (a plain JPEG or PNG, say) opens quietly: it gets the identity transform
     and no CRS, which every output then carries, instead of a warning leaking from each worker.
     """
+    remote = gdal_path(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ExitStack() as env:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
+            if remote is not None or _is_vrt_text(path):
+                env.enter_context(rasterio.Env(**_remote_defaults()))
+            with rasterio.open(remote or path) as src:
                 yield src
     except RasterioIOError as err:
         cause = err.__cause__ or err.__context__  # GDAL's own message; rasterio's says "see previous exception"
         detail = first_line(cause if cause is not None else err)[:200]
+        name = dataset_name(path)
+        if what == "open" and remote is not None:
+            raise _remote_failure(name, role, cause, detail) from None
         if what == "open":
-            raise InputFileError(f"{path}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)") from None
-        raise InputFileError(f"{path}: read failed ({detail}); check the file, and any file it refers to, is complete") from None
+            raise InputFileError(f"{name}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)") from None
+        raise InputFileError(f"{name}: read failed ({detail}); check the file, and any file it refers to, is complete") from None
 
 
-def open_scene(path: str | Path, *, role: str = "image") -> SceneInfo:
-    """Metadata of a raster; a missing, unreadable or complex-valued file raises `InputFileError`."""
+def _refuse_stac_item(path: str, role: str) -> None:
+    """A local JSON file given as a raster is most likely a STAC item without its bands: say how to give them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return
+    if b'"assets"' in head or b'"stac_version"' in head:
+        raise InputFileError(
+            f"{path}: a JSON file, not a raster; for a STAC item as the {role} give its bands by common name or asset key "
+            "(stac_bands: [blue, green, red, nir] in the job's scene, or --stac-bands blue,green,red,nir)"
+        )
+
+
+def open_scene(path: str | Path, *, role: str = "image", stac_bands: Sequence[str] | None = None) -> SceneInfo:
+    """Metadata of a raster; a missing, unreadable or complex-valued file raises `InputFileError`.
+
+    ``path`` is local, remote or virtual (`schemas.rasters.gdal_path`); with ``stac_bands`` it is a STAC item whose
+    assets of those bands are stacked in that order (`workers.stac_input.open_stac_scene`).
+    """
+    if stac_bands is not None:
+        from workers.stac_input import open_stac_scene
+
+        return open_stac_scene(str(path), list(stac_bands), role=role)
     path = str(path)
-    if not Path(path).exists():
-        raise InputFileError(f"{path}: {role} file not found; check the path")
-    if Path(path).is_dir():
-        raise InputFileError(f"{path}: is a folder, not a raster; give the {role} file")
-    with _opened(path, "open") as src:
+    if gdal_path(path) is None and not _is_vrt_text(path):  # a local file
+        if not Path(path).exists():
+            raise InputFileError(f"{path}: {role} file not found; check the path")
+        if Path(path).is_dir():
+            raise InputFileError(f"{path}: is a folder, not a raster; give the {role} file")
+        if path.lower().endswith(".json"):
+            _refuse_stac_item(path, role)
+    with _opened(path, "open", role) as src:
         complex_bands = [b + 1 for b, t in enumerate(src.dtypes) if t.startswith("complex")]
         if complex_bands:
             raise InputFileError(
@@ -309,7 +419,7 @@ def read_image_window(
             "%s: nodata value collides with valid data in %d pixels of window %s: a band equals its nodata value "
             "where GDAL's dataset mask says the pixel holds data (another band, or the mask, is valid); "
             "they are read as data",
-            path, collisions, window,
+            dataset_name(path), collisions, window,
         )
     if raw.dtype.name not in EXACT_IN_FLOAT32:
         raw = raw.astype(np.float32)

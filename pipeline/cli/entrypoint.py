@@ -17,7 +17,10 @@ def run_shipped() -> int:
     from pipeline.run import run_job
     from pipeline.submit import SPEC_ENV, decode_spec
 
+    from pipeline.logs import configure_logging
+
     try:
+        configure_logging()  # satseg's warnings in the job's log, Ray's in the cluster node's satseg.log
         spec = decode_spec(os.environ.get(SPEC_ENV))
         print(f"satseg: running {len(spec.scenes)} scene(s) into {spec.out} with {sys.executable}", flush=True)
         result = run_job(spec, show_progress=False)

@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="predicted mask: a satseg .zarr store (class indices, 255 = nodata), another Zarr array "
         "(STORE.zarr or STORE.zarr/ARRAY) or a single-band GeoTIFF; foreign masks hold label values",
     )
-    p.add_argument("labels", help="labels on the same grid: a GeoTIFF or a Zarr array")
+    p.add_argument(
+        "labels", help="labels on the same grid: a GeoTIFF (a path, an s3:// gs:// http(s):// URL or a /vsi*/ path) or a Zarr array"
+    )
     p.add_argument(
         "--classes",
         help="class names a,b,c (label value = index) or a mapping 10=tree,20=shrub (label value = name); "

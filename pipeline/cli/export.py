@@ -1,4 +1,4 @@
-"""`satseg export`: a checkpoint's model as a file that runs without satseg (torch.export or TorchScript),
+"""`satseg export`: a checkpoint's model as a file that runs without satseg (torch.export, TorchScript or ONNX),
 or a mask store as a Cloud-Optimised GeoTIFF (`--cog`)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 HELP = (
-    "export a checkpoint's model to torch.export (.pt2) or TorchScript (.pt), with its metadata; "
+    "export a checkpoint's model to torch.export (.pt2), TorchScript (.pt) or ONNX (.onnx), with its metadata; "
     "or, with --cog, a mask store to a Cloud-Optimised GeoTIFF"
 )
 
@@ -19,14 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", choices=["exported", "torchscript", "onnx"], default="exported",
         help="exported: torch.export program, dynamic batch and size (default); torchscript: traced module; "
-        "onnx: not available in this build",
+        "onnx: ONNX model for onnxruntime, TensorRT and QGIS plugins, dynamic batch and size, checked in onnxruntime "
+        "(needs pip install 'satseg[onnx]')",
     )
-    p.add_argument("--out", help="file to write (default: CKPT with .pt2 or .pt); metadata also goes to OUT.json")
+    p.add_argument("--out", help="file to write (default: CKPT with .pt2, .pt or .onnx); metadata also goes to OUT.json")
     p.add_argument("--tile", type=int, default=512, help="example tile size to trace with, a multiple of 32 (default 512)")
     p.add_argument(
         "--cog", metavar="OUT.tif",
         help="write the mask store MASK as a Cloud-Optimised GeoTIFF: 512 px tiles, deflate, MODE overviews, "
-        "colour table, class names in the tags",
+        "colour table, class names in the tags; beside it OUT.qml (QGIS style with class names) and OUT.tif.aux.xml "
+        "(GDAL category names)",
     )
     p.add_argument("--overwrite", action="store_true", help="with --cog: replace OUT.tif if it exists")
 
@@ -68,6 +70,7 @@ def _export_cog(args: argparse.Namespace) -> int:
     levels = ", ".join(f"1/{f}" for f in result.overviews) or "none (fits one tile)"
     print(
         f"export: {result.path} (COG, {result.shape[0]} x {result.shape[1]} px, {len(result.class_names)} classes, "
-        f"overviews {levels})"
+        f"overviews {levels}); QGIS style {result.style}, category names {result.categories}"
+        + (f"; STAC item {result.stac_item}" if result.stac_item else "")
     )
     return 0

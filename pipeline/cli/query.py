@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run SQL over the Parquet reports; tables: scenes, classes, tiles, curves, aggregates, runs"
+HELP = "run SQL over the Parquet reports; tables: scenes, classes, tiles, curves, aggregates (runs: a schedule's folder)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

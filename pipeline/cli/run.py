@@ -14,8 +14,17 @@ HELP = "run a tiling job (JOB.yaml, or --image ...) on the local Ray instance or
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job YAML file (scenes, model, tiling); flags below override it")
-    p.add_argument("--image", help="input GeoTIFF (instead of a job file)")
-    p.add_argument("--labels", help="label GeoTIFF aligned with the image; enables metrics")
+    p.add_argument(
+        "--image",
+        help="input GeoTIFF (instead of a job file): a path, an s3:// gs:// http(s):// URL or a /vsi*/ path; "
+        "with --stac-bands a STAC item (JSON file or URL)",
+    )
+    p.add_argument("--labels", help="label GeoTIFF aligned with the image (a path or URL, as --image); enables metrics")
+    p.add_argument(
+        "--stac-bands",
+        help="--image is a STAC item: stack its assets of these bands, by common name or asset key, in this order "
+        "(e.g. blue,green,red,nir)",
+    )
     p.add_argument("--name", help="scene name for outputs (default: image file name)")
     p.add_argument("--model", help="registry model name (see workers.models); implied by --checkpoint")
     p.add_argument("--checkpoint", help="safetensors checkpoint written by `satseg train`")
@@ -87,8 +96,8 @@ def spec_from_args(args: argparse.Namespace):
     if args.bands:
         overrides["bands"] = _int_list(args.bands, "--bands")
     if args.job:
-        if args.image:
-            raise SpecError("give either a job file or --image, not both")
+        if args.image or args.stac_bands:
+            raise SpecError("give either a job file or --image (and --stac-bands), not both")
         spec = load_job(args.job)
         data = spec.model_dump(mode="json")
         data.update(overrides)
@@ -96,6 +105,8 @@ def spec_from_args(args: argparse.Namespace):
     if not args.image:
         raise SpecError("nothing to run: give a job file (satseg run JOB.yaml) or --image IMG.tif")
     scene = {"image": args.image, "labels": args.labels, "name": args.name}
+    if args.stac_bands is not None:
+        scene["stac_bands"] = [b.strip() for b in args.stac_bands.split(",") if b.strip()]
     return job_from_dict({"scenes": [scene], **overrides})
 
 

@@ -29,9 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _unreadable_here(spec) -> list[str]:
+    from schemas.rasters import gdal_path
+
     paths = [s.image for s in spec.scenes] + [s.labels for s in spec.scenes if s.labels]
     paths += [spec.checkpoint] if spec.checkpoint else []
-    return [str(p) for p in paths if not Path(p).exists()]
+    paths += [spec.init] if spec.init else []
+    return [str(p) for p in paths if gdal_path(str(p)) is None and not Path(p).exists()]  # remote ones: the cluster reads them
 
 
 def main(args: argparse.Namespace) -> int:

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bands", help="comma-separated 1-based band indexes (default all)")
     p.add_argument("--classes", help="comma-separated class names (default: the label raster's `classes` tag)")
     p.add_argument("--model-options", default="{}", help='JSON of model options, e.g. \'{"width_multiplier": 0.5}\'')
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from published weights (.pth/.pt/.safetensors: timm or torchvision ImageNet HRNet/ResNet, "
+                   "mmsegmentation FCN-HRNetV2 or DeepLabV3+, a satseg checkpoint); first conv and classifier adapted "
+                   "to the bands and classes (README: Pretrained weights)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="bottom fraction of every scene's rows held out for validation, at least one crop tall (default 0.15)")
@@ -36,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA when present (bf16 autocast), else CPU in fp32 (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _say_init(report) -> None:
+    """What the weights file gave the model, before training starts."""
+    for line in report.lines():
+        print(line, file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         result = train_model(data, args.model, args.out, settings, model_options=options, resume=args.resume,
-                             show_progress=not args.quiet)
+                             show_progress=not args.quiet, init=args.init, on_init=_say_init)
     except KeyboardInterrupt:
         print(f"satseg: interrupted; the last finished epoch is saved beside {args.out}; "
               "rerun the same command with --resume to continue", file=sys.stderr)

@@ -1,0 +1,103 @@
+"""Where log records go when satseg runs as a command: its own to stderr at the chosen level, Ray's to a log file.
+
+Ray logs through Python's ``ray`` logger; `pipeline.cluster.connect` leaves Ray's
+driver logging to the root logger (``configure_logging=False``), so the handlers
+set here decide. A long job prints satseg's warnings and one summary; Ray's
+notes (token authentication, object store sizes, retries) go to the log file, and
+to stderr too with ``--log-level debug``. Used as a library, satseg configures
+nothing: records reach Python's default handler as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["LEVELS", "LOG_FILE_ENV", "LOG_LEVEL_ENV", "log_file", "configure_logging"]
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LOG_FILE_ENV = "SATSEG_LOG_FILE"
+LOG_LEVEL_ENV = "SATSEG_LOG_LEVEL"
+_LOG_BYTES = 10 << 20  # one file of at most 10 MiB, and 3 older ones
+_ENGINES = ("ray", "distributed", "dask")  # loggers that are not satseg's: stderr shows them only at debug
+
+
+def log_file() -> Path:
+    """``$SATSEG_LOG_FILE``, else ``$XDG_STATE_HOME/satseg/satseg.log`` (``~/.local/state/satseg/satseg.log``)."""
+    given = os.environ.get(LOG_FILE_ENV)
+    if given:
+        return Path(given)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "satseg" / "satseg.log"
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is at each record (a test's capture, a redirected stream)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _SatsegOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.name == e or record.name.startswith(e + ".") for e in _ENGINES)
+
+
+class _Lowercase(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"satseg: {record.levelname.lower()}: {record.getMessage()}"
+
+
+_OURS = "_satseg_handler"
+
+
+def configure_logging(level: str | None = None) -> Path | None:
+    """Send satseg's records at ``level`` (default ``$SATSEG_LOG_LEVEL`` or warning) to stderr, and every record at
+    info or above (debug at debug) to the log file; engines' records reach stderr only at debug.
+
+    Returns the log file, or None when it cannot be written (then nothing is logged to a file). Calling it again
+    replaces what an earlier call set.
+    """
+    level = (level or os.environ.get(LOG_LEVEL_ENV) or "warning").lower()
+    if level not in LEVELS:
+        from schemas.errors import SpecError
+
+        raise SpecError(f"unknown log level {level!r}; choose one of {', '.join(LEVELS)}")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    stderr = _Stderr()
+    stderr.setLevel(LEVELS[level])
+    stderr.setFormatter(_Lowercase())
+    if level != "debug":
+        stderr.addFilter(_SatsegOnly())
+    handlers: list[logging.Handler] = [stderr]
+    path: Path | None = log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.handlers.RotatingFileHandler(path, maxBytes=_LOG_BYTES, backupCount=3, delay=True, encoding="utf-8")
+        with open(path, "a", encoding="utf-8"):  # fail here, not at the first record, when the file cannot be written
+            pass
+    except OSError:
+        path = None
+    else:
+        to_file.setLevel(min(LEVELS[level], logging.INFO))
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    for handler in handlers:
+        setattr(handler, _OURS, True)
+        root.addHandler(handler)
+    root.setLevel(min(LEVELS[level], logging.INFO))
+    return path

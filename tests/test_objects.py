@@ -1,0 +1,460 @@
+"""Objects across chunks, against whole-array references written from the definitions.
+
+Components: ``scipy.ndimage.label`` on the whole scene, ids ranked by first
+pixel. Object metrics: a direct transcription of the COCO panoptic reference
+(``pq_compute``) on whole arrays. Scenes hold objects on chunk corners (diagonal
+neighbours, where 4- and 8-connectivity differ), objects spanning three chunks,
+rings around other objects, and one-pixel objects; chunk sizes divide nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import zarr
+from rasterio.crs import CRS
+from scipy import ndimage
+
+from pipeline.core.geometry import ChunkGrid
+from pipeline.core.objects import merge_components, merge_keyed, object_scores, union_find
+from pipeline.objects import object_spec, scene_objects
+from schemas.errors import SpecError
+from schemas.store import OutputLayout
+from tests.mask_stores import TRANSFORM, write_store
+from workers.objects import chunk_segments, instance_segments, label_components
+
+NAMES = ["ground", "building", "pond", "road"]  # building and pond are things; ground and road stuff
+THINGS = [1, 2]
+EPSG = 32633
+
+
+# ---------- references, from the definitions ----------
+
+
+def ref_objects(classes: np.ndarray, things: list[int], connectivity: int) -> np.ndarray:
+    """Whole-scene ids: each thing class's components (scipy), ranked by first pixel in row-major order."""
+    structure = np.ones((3, 3)) if connectivity == 8 else None
+    raw = np.zeros(classes.shape, np.int64)
+    n = 0
+    for c in things:
+        lab, k = ndimage.label(classes == c, structure=structure)
+        raw[lab > 0] = lab[lab > 0] + n
+        n += k
+    first = {}
+    for pos, v in enumerate(raw.ravel()):
+        if v and v not in first:
+            first[v] = pos
+    ids = np.zeros(n + 1, np.int64)
+    for rank, v in enumerate(sorted(first, key=first.get), start=1):
+        ids[v] = rank
+    return ids[raw]
+
+
+def chunked_objects(classes: np.ndarray, things: list[int], connectivity: int, chunk: int):
+    """Ids by the chunked path: label each chunk, merge in the core, map local labels to ids."""
+    h, w = classes.shape
+    grid = ChunkGrid(h, w, chunk)
+    parts, labels = [], []
+    for r, c in grid:
+        win = grid.window(r, c)
+        lab, cls = label_components(classes[win.row_off : win.row_stop, win.col_off : win.col_stop], things, connectivity)
+        labels.append((win, lab))
+        parts.append(chunk_segments(win, lab, cls, w))
+    objects = merge_components(parts, grid.shape, connectivity)
+    out = np.zeros((h, w), np.int64)
+    for (win, lab), lookup in zip(labels, objects.lookups):
+        out[win.row_off : win.row_stop, win.col_off : win.col_stop] = lookup[lab]
+    return out, objects
+
+
+def coco_pq(pred: np.ndarray, truth: np.ndarray, things: list[int], connectivity: int, num_classes: int,
+            truth_ids: np.ndarray | None = None) -> dict:
+    """COCO panoptic pq_compute transcribed onto whole arrays (class maps: -1 is no class).
+
+    Segments: each thing component (or, with ``truth_ids``, each (id, class) of thing pixels with id > 0), and one
+    per stuff class. Truth that is no class is VOID (0). Pixels without prediction count nowhere (satseg invariant 5).
+    """
+    def panoptic(classes, ids=None):
+        pan = np.zeros(classes.shape, np.int64)
+        cat = {}
+        nxt = 1
+        for c in range(num_classes):
+            where = classes == c
+            if c in things:
+                if ids is None:
+                    lab, k = ndimage.label(where, structure=np.ones((3, 3)) if connectivity == 8 else None)
+                    for i in range(1, k + 1):
+                        pan[lab == i] = nxt
+                        cat[nxt] = c
+                        nxt += 1
+                else:
+                    for v in np.unique(ids[where & (ids > 0)]):
+                        pan[where & (ids == v)] = nxt
+                        cat[nxt] = c
+                        nxt += 1
+            elif where.any():
+                pan[where] = nxt
+                cat[nxt] = c
+                nxt += 1
+        return pan, cat
+
+    scored = pred >= 0
+    pan_pred, pred_cat = panoptic(pred)
+    pan_gt, gt_cat = panoptic(truth, truth_ids)
+    pan_pred, pan_gt = pan_pred[scored], pan_gt[scored]
+    VOID = 0
+    gt_segms = {k: {"category_id": v, "area": int((pan_gt == k).sum())} for k, v in gt_cat.items()}
+    gt_segms = {k: s for k, s in gt_segms.items() if s["area"] > 0}
+    pred_segms = {k: {"category_id": v, "area": int((pan_pred == k).sum())} for k, v in pred_cat.items()}
+    pred_segms = {k: s for k, s in pred_segms.items() if s["area"] > 0}
+    offset = 1 << 32
+    labels, counts = np.unique(pan_gt * offset + pan_pred, return_counts=True)
+    gt_pred_map = {(int(l // offset), int(l % offset)): int(n) for l, n in zip(labels, counts)}
+    stat = {c: {"tp": 0, "fp": 0, "fn": 0, "iou": 0.0} for c in range(num_classes)}
+    gt_matched, pred_matched = set(), set()
+    for (gt_label, pred_label), intersection in gt_pred_map.items():
+        if gt_label not in gt_segms or pred_label not in pred_segms:
+            continue
+        if gt_segms[gt_label]["category_id"] != pred_segms[pred_label]["category_id"]:
+            continue
+        union = (pred_segms[pred_label]["area"] + gt_segms[gt_label]["area"] - intersection
+                 - gt_pred_map.get((VOID, pred_label), 0))
+        iou = intersection / union
+        if iou > 0.5:
+            stat[gt_segms[gt_label]["category_id"]]["tp"] += 1
+            stat[gt_segms[gt_label]["category_id"]]["iou"] += iou
+            gt_matched.add(gt_label)
+            pred_matched.add(pred_label)
+    for gt_label, gt_info in gt_segms.items():
+        if gt_label not in gt_matched:
+            stat[gt_info["category_id"]]["fn"] += 1
+    for pred_label, pred_info in pred_segms.items():
+        if pred_label in pred_matched:
+            continue
+        if gt_pred_map.get((VOID, pred_label), 0) / pred_info["area"] > 0.5:
+            continue
+        stat[pred_info["category_id"]]["fp"] += 1
+    out = {}
+    for c, s in stat.items():
+        tp, fp, fn, iou = s["tp"], s["fp"], s["fn"], s["iou"]
+        if tp + fp + fn == 0:
+            continue
+        out[c] = {"tp": tp, "fp": fp, "fn": fn, "pq": iou / (tp + 0.5 * fp + 0.5 * fn),
+                  "sq": iou / tp if tp else 0.0, "rq": tp / (tp + 0.5 * fp + 0.5 * fn)}
+    return out
+
+
+# ---------- scenes ----------
+
+
+def corner_scene() -> np.ndarray:
+    """Objects at chunk corners (chunk 5): diagonal neighbours across corners, one-pixel objects, a ring around a
+    pond, and a building spanning three chunks."""
+    m = np.zeros((17, 23), np.int16)
+    m[4, 4] = m[5, 5] = 1  # diagonal across the corner of four chunks: one object if 8-connected
+    m[4, 10] = m[5, 9] = 1  # the other diagonal across a corner
+    m[0, 22] = 2  # one pixel at the scene corner
+    m[9, 12] = 1  # one pixel, alone
+    m[11, 1:14] = 1  # spans three chunks
+    m[1:8, 14:21] = 2
+    m[2:7, 15:20] = 0  # a ring of pond ...
+    m[4, 17] = 2  # ... around a one-pixel pond in its hole
+    m[13:17, 16:23] = 3  # stuff
+    m[16, 0:4] = 2
+    return m
+
+
+def random_scene(seed: int, h: int, w: int, classes: int = 4, smooth: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m = rng.integers(0, classes, (h, w))
+    return (ndimage.median_filter(m, 3) if smooth else m).astype(np.int16)
+
+
+# ---------- components and ids ----------
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_merged_components_equal_whole_scene_labelling(connectivity):
+    scenes = [corner_scene()] + [random_scene(s, 13 + s, 29 - s, smooth=s % 2 == 0) for s in range(6)]
+    for m in scenes:
+        ref = ref_objects(m, THINGS, connectivity)
+        for chunk in (1, 2, 3, 5, 7, 64):
+            ids, objects = chunked_objects(m, THINGS, connectivity, chunk)
+            np.testing.assert_array_equal(ids, ref, err_msg=f"chunk {chunk}")
+            assert len(objects) == ref.max()
+            np.testing.assert_array_equal(objects.pixels, np.bincount(ref.ravel())[1:])
+            counted = [len({(r // chunk, c // chunk) for r, c in zip(*np.nonzero(ref == i))}) for i in range(1, ref.max() + 1)]
+            np.testing.assert_array_equal(objects.chunks, counted)
+            for i in (1, ref.max()):
+                rows, cols = np.nonzero(ref == i)
+                assert tuple(objects.bbox[i - 1]) == (rows.min(), cols.min(), rows.max(), cols.max())
+                assert objects.first[i - 1] == rows[0] * m.shape[1] + cols[0]
+
+
+def test_corners_join_only_when_8_connected():
+    m = corner_scene()
+    four, _ = chunked_objects(m, THINGS, 4, 5)
+    eight, _ = chunked_objects(m, THINGS, 8, 5)
+    assert four[4, 4] != four[5, 5] and eight[4, 4] == eight[5, 5]
+    assert four[4, 10] != four[5, 9] and eight[4, 10] == eight[5, 9]
+    assert len(np.unique(four[11, 1:14])) == 1  # across three chunks, one object
+    assert four[4, 17] not in (0, four[1, 14])  # the pond in the ring's hole is an object of its own
+
+
+def test_union_find_joins_long_chains():
+    n = 1000
+    a = np.arange(n - 1)[::-1]
+    roots = union_find(n, a, a + 1)
+    assert (roots == 0).all()
+    roots = union_find(6, np.array([4, 1]), np.array([5, 2]))
+    np.testing.assert_array_equal(roots, [0, 1, 1, 3, 4, 4])
+
+
+def test_instance_segments_merge_by_key_whatever_the_chunks():
+    rng = np.random.default_rng(3)
+    classes = random_scene(4, 19, 26)
+    ids = rng.integers(0, 4, (19, 26))
+    for chunk in (4, 7, 30):
+        grid = ChunkGrid(19, 26, chunk)
+        parts = []
+        for r, c in grid:
+            win = grid.window(r, c)
+            block = (slice(win.row_off, win.row_stop), slice(win.col_off, win.col_stop))
+            lab, cls, keys = instance_segments(classes[block], ids[block], THINGS)
+            parts.append(chunk_segments(win, lab, cls, 26, keys=keys))
+        objects = merge_keyed(parts)
+        pairs = {(int(v), int(c)) for v, c in zip(ids.ravel(), classes.ravel()) if v > 0 and c in THINGS}
+        assert len(objects) == len(pairs)
+        got = {(int(k) // 256, int(k) % 256) for k in objects.keys}
+        assert got == pairs
+        assert objects.pixels.sum() == sum(((ids == v) & (classes == c)).sum() for v, c in pairs)
+
+
+# ---------- object metrics ----------
+
+
+def _metrics_rows(layout: OutputLayout, scene: str = "s") -> dict:
+    rows = pq.read_table(layout.report_file("object_metrics", "j", scene)).to_pylist()
+    return {r["class_index"] if r["level"] == "class" else r["level"]: r for r in rows}
+
+
+def _labels_tif(path, values: np.ndarray, nodata: int = 255):
+    h, w = values.shape
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=1, dtype="uint8", crs=CRS.from_epsg(EPSG),
+                       transform=rasterio.Affine(*TRANSFORM), nodata=nodata) as f:
+        f.write(values.astype(np.uint8), 1)
+    return path
+
+
+def _run(tmp_path, name: str, mask: np.ndarray, chunk: int, labels=None, instances=None, connectivity: int = 4, **kw):
+    store = write_store(tmp_path / f"{name}.zarr", mask, chunk, NAMES)
+    layout = OutputLayout(tmp_path / f"out-{name}")
+    spec = object_spec(NAMES, [NAMES[i] for i in THINGS], connectivity=connectivity, **kw)
+    result = scene_objects(layout, "j", "s", store, spec, transform=TRANSFORM, crs=CRS.from_epsg(EPSG).to_wkt(),
+                           labels=labels, instances=instances)
+    return store, layout, result
+
+
+def _pair_scene(seed: int):
+    """Prediction and truth that overlap partly: some objects match, some split, some are missed or false."""
+    pred = random_scene(seed, 37, 43)
+    truth = pred.copy()
+    truth[10:20] = random_scene(seed + 100, 10, 43)
+    truth[:, 30:33] = random_scene(seed + 200, 37, 3, smooth=False)
+    shifted = np.roll(pred, 1, axis=1)
+    truth[25:] = shifted[25:]
+    return pred, truth
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_object_metrics_equal_the_coco_reference_for_any_chunking(tmp_path, connectivity):
+    pred, truth = _pair_scene(7)
+    mask = pred.astype(np.uint8)
+    mask[:3, :6] = 255  # nodata in the mask: counted nowhere
+    labels = truth.astype(np.uint8)
+    labels[30:34, 2:20] = 255  # ignore_index: void
+    labels[0, :] = 9  # outside the class list: void too
+    tif = _labels_tif(tmp_path / "labels.tif", labels)
+    as_classes = lambda a: np.where(a >= len(NAMES), -1, a.astype(np.int64))  # noqa: E731  (255, 9: no class)
+    ref = coco_pq(as_classes(mask), as_classes(labels), THINGS, connectivity, len(NAMES))
+    seen = []
+    for chunk in (6, 11, 50):
+        _, layout, result = _run(tmp_path, f"c{chunk}-{connectivity}", mask, chunk, labels=str(tif), connectivity=connectivity)
+        rows = _metrics_rows(layout)
+        for c in range(len(NAMES)):
+            if c not in ref:
+                assert rows[c]["pq"] is None
+                continue
+            got = rows[c]
+            assert (got["true_positives"], got["false_positives"], got["false_negatives"]) == (
+                ref[c]["tp"], ref[c]["fp"], ref[c]["fn"]), (chunk, c)
+            for k in ("pq", "sq", "rq"):
+                assert got[k] == pytest.approx(ref[c][k], abs=1e-12)
+            assert got["f1"] == pytest.approx(2 * ref[c]["tp"] / (2 * ref[c]["tp"] + ref[c]["fp"] + ref[c]["fn"]))
+        means = {
+            g: np.mean([ref[c]["pq"] for c in ref if (c in THINGS) == (g == "things") or g == "all"])
+            for g in ("all", "things", "stuff")
+        }
+        for g, v in means.items():
+            assert rows[g]["pq"] == pytest.approx(v, abs=1e-12)
+        seen.append([(r["true_positives"], r["false_positives"], r["false_negatives"]) for r in rows.values()])
+        assert result.scores.true_positives.sum() > 0 and result.scores.false_positives.sum() > 0
+    assert seen[0] == seen[1] == seen[2]
+
+
+def test_object_metrics_against_an_instance_raster(tmp_path):
+    pred, truth = _pair_scene(11)
+    ids = np.zeros(truth.shape, np.int64)
+    ids[:, :20], ids[:, 20:] = 5, 7  # each class's pixels split at column 20: two true objects per thing class
+    ids[:4] = 0  # thing pixels without an id: void
+    tif = _labels_tif(tmp_path / "labels.tif", truth)
+    inst = _labels_tif(tmp_path / "ids.tif", ids, nodata=0)
+    ref = coco_pq(pred.astype(np.int64), truth.astype(np.int64), THINGS, 4, len(NAMES), truth_ids=ids)
+    _, layout, _ = _run(tmp_path, "inst", pred.astype(np.uint8), 9, labels=str(tif), instances=str(inst))
+    rows = _metrics_rows(layout)
+    for c in ref:
+        assert (rows[c]["true_positives"], rows[c]["false_positives"], rows[c]["false_negatives"]) == (
+            ref[c]["tp"], ref[c]["fp"], ref[c]["fn"])
+        assert rows[c]["pq"] == pytest.approx(ref[c]["pq"], abs=1e-12)
+    assert rows["all"]["truth"] == "instances"
+    misses = pq.read_table(layout.report_file("object_misses", "j", "s")).to_pylist()
+    assert {m["truth_id"] for m in misses} <= {5, 7}
+
+
+def test_scores_from_counts_follow_the_void_rules():
+    # truth segments 0 (class 1), 1 (class 1); predicted 0 (class 1), 1 (class 1), 2 (class 1); truth 2 is void
+    t = np.array([0, 2, 1, 2])
+    p = np.array([0, 0, 1, 2])
+    n = np.array([6, 2, 1, 3])
+    s = object_scores(t, p, n, np.array([1, 1]), np.array([1, 1, 1]), np.array([False, True]))
+    # pred 0: IoU 6 / (8 + 6 - 6 - 2) = 1 -> TP; pred 1: 1/(1+1-1) = 1 -> TP; pred 2: all on void -> ignored
+    assert (s.true_positives[1], s.false_positives[1], s.false_negatives[1], s.ignored_predictions[1]) == (2, 0, 0, 1)
+    assert s.pq[1] == 1.0 and np.isnan(s.pq[0])
+
+
+# ---------- polygons, the store, the table ----------
+
+
+def test_polygons_are_pixel_exact_one_row_per_object_and_the_same_for_any_chunking(tmp_path):
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    m = corner_scene()
+    tables, stores = [], []
+    for chunk in (5, 8):
+        store, layout, result = _run(tmp_path, f"p{chunk}", m.astype(np.uint8), chunk)
+        ids = zarr.open_array(str(store), path="instances")[:]
+        np.testing.assert_array_equal(ids, ref_objects(m, THINGS, 4))
+        frame = gpd.read_parquet(layout.report_file("objects", "j", "s")).sort_values("object_id").reset_index(drop=True)
+        assert frame.crs.to_epsg() == EPSG
+        assert list(frame.object_id) == list(range(1, ids.max() + 1)) and result.objects == ids.max()
+        assert frame.geometry.is_valid.all() and (frame.geom_type == "Polygon").all()
+        np.testing.assert_allclose(frame.geometry.area, frame.pixels * 100.0)
+        np.testing.assert_allclose(frame.geometry.length, frame.perimeter)
+        burnt = rasterize(zip(frame.geometry, frame.object_id), out_shape=m.shape, transform=rasterio.Affine(*TRANSFORM),
+                          dtype="uint32")
+        np.testing.assert_array_equal(burnt, ids)  # pixel-exact: every polygon covers exactly its pixels
+        ring = frame[frame.object_id == ids[1, 14]].geometry.iloc[0]
+        assert len(ring.interiors) == 1  # the hole is kept
+        tables.append(frame)
+        stores.append(store)
+    a, b = tables
+    assert a.drop(columns=["geometry", "chunks"]).equals(b.drop(columns=["geometry", "chunks"]))
+    assert a.geometry.geom_equals_exact(b.geometry, 0).all()
+    attrs = json.loads((stores[0] / "instances" / "zarr.json").read_text())["attributes"]
+    assert attrs["satseg_complete"] is True and attrs["connectivity"] == 4
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    with xr.open_zarr(stores[0], decode_coords="all") as ds:  # beside the mask, georeferenced like it
+        assert ds["instances"].rio.crs.to_epsg() == EPSG and int(ds["instances"].max()) == len(a)
+
+
+def test_8_connected_objects_and_simplified_polygons(tmp_path):
+    import geopandas as gpd
+
+    m = corner_scene()
+    _, layout, _ = _run(tmp_path, "eight", m.astype(np.uint8), 5, connectivity=8)
+    frame = gpd.read_parquet(layout.report_file("objects", "j", "s"))
+    diagonal = frame[frame.pixels == 2]
+    assert (diagonal.geom_type == "MultiPolygon").all() and len(diagonal) == 2
+    _, layout, _ = _run(tmp_path, "simple", random_scene(1, 40, 40).astype(np.uint8), 16, simplify=15.0)
+    frame = gpd.read_parquet(layout.report_file("objects", "j", "s"))
+    assert frame.geometry.is_valid.all()
+    assert not np.allclose(frame.geometry.area, frame.pixels * 100.0)  # simplified...
+    np.testing.assert_allclose(frame["area"], frame.pixels * 100.0)  # ...but area is the object's
+
+
+def test_a_thing_that_is_no_class_is_one_line():
+    with pytest.raises(SpecError, match="things 'car' is not a class; the classes are ground, building"):
+        object_spec(NAMES, ["car"], source="job.yaml")
+
+
+def test_satseg_objects_on_a_finished_job_folder_and_query(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.job_folder import claim_output
+
+    out = tmp_path / "job"
+    pred, truth = _pair_scene(5)
+    tif = _labels_tif(tmp_path / "labels.tif", truth)
+    spec = {"scenes": [{"image": str(tmp_path / "img.tif"), "labels": str(tif), "name": "s"}], "model": "pixel_linear",
+            "classes": NAMES, "out": str(out)}
+    claim_output(OutputLayout(out), "jobid", spec)
+    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    assert main(["objects", str(out), "--things", "car"]) == 2
+    assert "things 'car' is not a class" in capsys.readouterr().err
+    assert main(["objects", str(out)]) == 2
+    assert "give --things" in capsys.readouterr().err
+    assert main(["objects", str(out), "--things", "building,pond"]) == 0
+    said = capsys.readouterr().out
+    assert "objects: s:" in said and "PQ" in said
+    sql = "SELECT count(*) AS n, min(object_id) AS lo FROM objects"
+    assert main(["query", sql, "--reports", str(out), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["lo"] == 1 and rows[0]["n"] == int(zarr.open_array(str(out / "masks/s.zarr"), path="instances")[:].max())
+    assert main(["query", "SELECT level, pq FROM object_metrics WHERE level = 'things'", "--reports", str(out)]) == 0
+    assert "things" in capsys.readouterr().out
+    from pipeline.report_objects import objects_section
+
+    page = objects_section(OutputLayout(out), "jobid", "s", out / "masks/s.zarr", pred.shape, NAMES, "s")
+    assert 'data-section="objects"' in page and "Largest false alarms" in page and "data:image/png" in page
+    assert objects_section(OutputLayout(out), "jobid", "other", None, pred.shape, NAMES, "o") == ""
+
+
+def test_satseg_objects_scores_against_an_instance_raster(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.job_folder import claim_output
+
+    out = tmp_path / "job"
+    pred, truth = _pair_scene(2)
+    ids = np.where(np.arange(truth.shape[1]) < 20, 3, 4)[None].repeat(truth.shape[0], 0)
+    tif, inst = _labels_tif(tmp_path / "labels.tif", truth), _labels_tif(tmp_path / "ids.tif", ids, nodata=0)
+    spec = {"scenes": [{"image": str(tmp_path / "img.tif"), "labels": str(tif), "name": "s"}], "model": "pixel_linear",
+            "classes": NAMES, "things": ["building", "pond"], "out": str(out)}
+    claim_output(OutputLayout(out), "jobid", spec)
+    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    assert main(["objects", str(out), "--instances", "t=x.tif"]) == 2
+    assert "no scene 't' in the job" in capsys.readouterr().err
+    assert main(["objects", str(out), "--instances", str(inst), "--connectivity", "8"]) == 0, capsys.readouterr().err
+    rows = pq.read_table(OutputLayout(out).report_file("object_metrics", "jobid", "s")).to_pylist()
+    assert {r["truth"] for r in rows} == {"instances"} and {r["connectivity"] for r in rows} == {8}
+    assert {r["truth_segments"] for r in rows if r["class_name"] == "building"} == {2}
+
+
+def test_query_reads_objects_of_scenes_in_different_crss(tmp_path):
+    from pipeline.query import run_query
+
+    m = corner_scene().astype(np.uint8)
+    layout = OutputLayout(tmp_path / "out")
+    spec = object_spec(NAMES, [NAMES[i] for i in THINGS])
+    for scene, epsg in (("north", 32633), ("east", 32634)):
+        store = write_store(tmp_path / f"{scene}.zarr", m, 8, NAMES)
+        scene_objects(layout, "j", scene, store, spec, transform=TRANSFORM, crs=CRS.from_epsg(epsg).to_wkt())
+    result = run_query(layout.reports, "SELECT scene, count(*) AS n, min(ST_AsText(geometry)) LIKE 'POLYGON%' AS poly "
+                                       "FROM objects GROUP BY scene ORDER BY scene")
+    n = int(ref_objects(m.astype(np.int16), THINGS, 4).max())
+    assert result.rows == [("east", n, True), ("north", n, True)]
