@@ -26,7 +26,7 @@ from pipeline.core.geometry import ChunkGrid
 from pipeline.cog import cog_classes
 from pipeline.report_tables import write_scene_reports
 from schemas.errors import InputFileError, MismatchError, SpecError
-from schemas.rasters import RemotePath, raster_path
+from schemas.rasters import RemotePath, raster_path, recorded_path
 from schemas.store import OutputLayout, is_zarr_node
 from workers.mask_store import MASK, NO_TRANSFORM, is_mask_store, open_mask_store, zarr_georeference, zarr_mask
 from workers.reader import SceneInfo, grid_difference, open_scene
@@ -179,7 +179,7 @@ def evaluate_mask(
         seconds = time.perf_counter() - t0
         georef = label_raster.info if label_raster.georeferenced else pred_raster.info
         row = {
-            "scene": name, "image": None, "labels": str(labels), "mask": str(pred), "height": height,
+            "scene": name, "image": None, "labels": recorded_path(labels), "mask": recorded_path(pred), "height": height,
             "width": width_px, "num_classes": c, "class_names": table.names, "crs": georef.crs,
             "valid_pixels": int(counts.valid.sum()), "chunk_size": chunk_px, "seconds": seconds, "boundary_width": width,
             "boundary_convention": boundary_convention,

@@ -38,6 +38,7 @@ from pipeline.job_folder import (
 from schemas.errors import CheckpointError, ScenesFailedError, SpecError, first_line, one_line, user_error
 from schemas.job import JobSpec, SceneSpec, resolve_device
 from schemas.specfile import excerpt
+from schemas.rasters import recorded_path
 from schemas.store import OutputLayout
 from workers.predictor import PROGRESS_GROUP, TILE_CACHE_BYTES, ModelSource
 from workers.reader import SceneInfo, check_bands, check_labels_match, open_scene
@@ -489,8 +490,8 @@ def _scene_row(
     mpx = sum(w.height * w.width for w in computed) / 1e6
     return {
         "scene": scene.name,
-        "image": str(scene.spec.image),
-        "labels": str(scene.spec.labels) if scene.spec.labels else None,
+        "image": recorded_path(scene.spec.image),  # found again from any folder (`satseg report`)
+        "labels": recorded_path(scene.spec.labels) if scene.spec.labels else None,
         "mask": str(store),
         "height": info.height,
         "width": info.width,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +29,9 @@ from pipeline.core.geometry import Window
 from pipeline.progress import progress_bar
 from pipeline.train_state import TrainState, capture_rng, load_train_state, restore_rng, save_train_state, train_state_path
 from schemas.errors import SpecError
+from schemas.rasters import recorded_path
 from schemas.job import TILE_MULTIPLE, check_device, resolve_device
-from workers.reader import check_bands, check_labels_match, open_scene, read_image_window, read_label_window
+from workers.reader import check_bands, check_labels_match, open_scene, raster_tags, read_image_window, read_label_window
 
 if TYPE_CHECKING:
     from workers.models.pretrained import InitReport
@@ -227,8 +227,7 @@ def training_device(name: str) -> torch.device:
 def _class_names(labels: list[str], given: Sequence[str] | None) -> list[str]:
     if given:
         return list(given)
-    with rasterio.open(labels[0]) as src:
-        tag = src.tags().get("classes")
+    tag = raster_tags(labels[0]).get("classes")
     if tag:
         return tag.split(",")
     raise SpecError(f"{labels[0]}: label raster has no `classes` tag; pass the class names with --classes")
@@ -393,7 +392,7 @@ def train_model(
     state_path = train_state_path(out)
     config = {
         "model": model_name, "model_options": options, "bands": bands, "class_names": names,
-        "images": [str(Path(p).resolve()) for p in images], "labels": [str(Path(p).resolve()) for p in labels],
+        "images": [recorded_path(p) for p in images], "labels": [recorded_path(p) for p in labels],
         "crop": crop, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "lr": settings.lr, "seed": seed,
         "val_fraction": settings.val_fraction, "val_crops": settings.val_crops,
     }

@@ -15,7 +15,7 @@ from pydantic import PlainSerializer, PlainValidator
 
 from schemas.errors import SpecError
 
-__all__ = ["GDAL_SCHEMES", "RemotePath", "gdal_path", "raster_path", "RasterPath"]
+__all__ = ["GDAL_SCHEMES", "RemotePath", "gdal_path", "raster_path", "recorded_path", "RasterPath"]
 
 GDAL_SCHEMES = {
     "s3": "/vsis3/",
@@ -85,6 +85,13 @@ def raster_path(value: str | Path) -> Path | RemotePath:
             f"{', '.join(f'{s}://' for s in GDAL_SCHEMES)} or a /vsi*/ path"
         )
     return Path(value)
+
+
+def recorded_path(value: str | Path) -> str:
+    """A raster as records keep it (report rows, a training run's resume record): a local file by its absolute path,
+    so it is found from any folder later, and a remote or virtual one exactly as written."""
+    raster = raster_path(str(value) if isinstance(value, Path) else value)
+    return str(raster) if isinstance(raster, RemotePath) else str(Path(raster).expanduser().resolve())
 
 
 RasterPath = Annotated[
