@@ -32,3 +32,15 @@ def odd_scene(tmp_path_factory):
     from pipeline.synthetic import write_synthetic_scene
 
     return write_synthetic_scene(tmp_path_factory.mktemp("scene"), "odd", 301, 367, seed=5, cell=40)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: they gain nothing from threads, and OpenMP threads crawl on
+    shared, busy CPUs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

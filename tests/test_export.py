@@ -81,13 +81,7 @@ def _randomise_batch_norm(model: torch.nn.Module) -> None:
             module.bias.data.uniform_(-0.2, 0.2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads crawl on shared, busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only wait for each other
 
 
 @pytest.fixture(scope="module")

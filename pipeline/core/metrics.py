@@ -16,6 +16,8 @@ import numpy as np
 from schemas.store import MASK_NODATA  # the mask format's nodata value, one home
 
 __all__ = [
+    "ratio_or_nan",
+    "mean_of_defined",
     "MASK_NODATA",
     "PROBABILITY_LEVELS",
     "confusion_matrix",
@@ -66,15 +68,16 @@ def confusion_matrix(
     return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = num.astype(np.float64)
-    den = den.astype(np.float64)
+def ratio_or_nan(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den in float64, NaN where den is 0 (a class with nothing to score is left out of means, not 0)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     out = np.full(num.shape, np.nan)
     np.divide(num, den, out=out, where=den > 0)
     return out
 
 
-def _nanmean(values: np.ndarray) -> float:
+def mean_of_defined(values: np.ndarray) -> float:
+    """The mean over the values that are not NaN; NaN when none is."""
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
 
@@ -124,12 +127,12 @@ def segmentation_metrics(confusion: np.ndarray) -> SegmentationMetrics:
     pred = m.sum(axis=0)
     total = int(m.sum())
     present = (truth + pred) > 0
-    iou = _ratio(tp, truth + pred - tp)
-    dice = _ratio(2 * tp, truth + pred)
+    iou = ratio_or_nan(tp, truth + pred - tp)
+    dice = ratio_or_nan(2 * tp, truth + pred)
     iou[~present] = np.nan
     dice[~present] = np.nan
-    recall = _ratio(tp, truth)
-    precision = _ratio(tp, pred)
+    recall = ratio_or_nan(tp, truth)
+    precision = ratio_or_nan(tp, pred)
     if total:
         pixel_accuracy = float(tp.sum() / total)
         freq = truth / total
@@ -142,16 +145,16 @@ def segmentation_metrics(confusion: np.ndarray) -> SegmentationMetrics:
         confusion=m,
         pixel_accuracy=pixel_accuracy,
         class_accuracy=recall,
-        mean_accuracy=_nanmean(recall),
+        mean_accuracy=mean_of_defined(recall),
         iou=iou,
-        mean_iou=_nanmean(iou),
+        mean_iou=mean_of_defined(iou),
         dice=dice,
-        mean_dice=_nanmean(dice),
+        mean_dice=mean_of_defined(dice),
         frequency_weighted_iou=fw_iou,
         precision=precision,
         recall=recall,
-        mean_precision=_nanmean(precision),
-        mean_recall=_nanmean(recall),
+        mean_precision=mean_of_defined(precision),
+        mean_recall=mean_of_defined(recall),
         kappa=kappa,
     )
 
@@ -238,7 +241,7 @@ def probability_histograms(truth: np.ndarray, pred: np.ndarray, probabilities: n
 def boundary_iou(counts: np.ndarray) -> np.ndarray:
     """Per-class boundary IoU |Gb & Pb| / |Gb | Pb| from (3, C) counts; NaN where both bands are empty."""
     gt, pr, inter = (np.asarray(counts, dtype=np.int64)[i] for i in range(3))
-    return _ratio(inter, gt + pr - inter)
+    return ratio_or_nan(inter, gt + pr - inter)
 
 
 def trimap_iou(confusions: np.ndarray) -> np.ndarray:
@@ -308,13 +311,13 @@ def scene_scores(
     metrics = segmentation_metrics(confusion)
     b_iou = boundary_iou(boundary) if boundary is not None else None
     t_iou = trimap_iou(trimap) if trimap is not None else None
-    t_miou = np.array([_nanmean(row) for row in t_iou]) if t_iou is not None else None
+    t_miou = np.array([mean_of_defined(row) for row in t_iou]) if t_iou is not None else None
     curves = ap = None
     if histograms is not None:
         curves = [pr_curve(histograms[0, c], histograms[1, c]) for c in range(histograms.shape[1])]
         ap = np.array([c.average_precision for c in curves])
     return SceneScores(
         metrics, None if boundary is None else np.asarray(boundary, dtype=np.int64), b_iou,
-        _nanmean(b_iou) if b_iou is not None else float("nan"), t_iou, t_miou, curves, ap,
-        _nanmean(ap) if ap is not None else float("nan"),
+        mean_of_defined(b_iou) if b_iou is not None else float("nan"), t_iou, t_miou, curves, ap,
+        mean_of_defined(ap) if ap is not None else float("nan"),
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.geometry import Window
+from pipeline.core.metrics import mean_of_defined, ratio_or_nan
 
 __all__ = [
     "CONNECTIVITIES",
@@ -244,18 +245,6 @@ def merge_keyed(chunks: list[ChunkSegments]) -> SceneObjects:
     return _objects(chunks, group.ravel(), len(unique), keys)
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    out = np.full(num.shape, np.nan)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
-
-
-def _nanmean(values: np.ndarray) -> float:
-    finite = values[~np.isnan(values)]
-    return float(finite.mean()) if finite.size else float("nan")
-
-
 @dataclass(frozen=True)
 class ObjectScores:
     """Object metrics per class (arrays of C), and how each segment fared.
@@ -297,9 +286,9 @@ class ObjectScores:
             "true_positives": tp,
             "false_positives": fp,
             "false_negatives": fn,
-            "pq": _nanmean(self.pq[counted]),
-            "sq": _nanmean(self.sq[counted]),
-            "rq": _nanmean(self.rq[counted]),
+            "pq": mean_of_defined(self.pq[counted]),
+            "sq": mean_of_defined(self.sq[counted]),
+            "rq": mean_of_defined(self.rq[counted]),
             "precision": float(tp / (tp + fp)) if tp + fp else float("nan"),
             "recall": float(tp / (tp + fn)) if tp + fn else float("nan"),
             "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else float("nan"),
@@ -351,11 +340,11 @@ def object_scores(
     fp = np.bincount(pc[present_p & (pred_match < 0) & ~ignored], minlength=c).astype(np.int64)
     counted = tp + fp + fn
     half = tp + 0.5 * fp + 0.5 * fn
-    pq, rq = _ratio(iou_sum, half), _ratio(tp, half)
-    sq = np.where(counted > 0, np.where(tp > 0, _ratio(iou_sum, tp), 0.0), np.nan)
+    pq, rq = ratio_or_nan(iou_sum, half), ratio_or_nan(tp, half)
+    sq = np.where(counted > 0, np.where(tp > 0, ratio_or_nan(iou_sum, tp), 0.0), np.nan)
     return ObjectScores(
         things, tp, fp, fn, np.bincount(pc[ignored], minlength=c).astype(np.int64),
         np.bincount(tc[present_t], minlength=c).astype(np.int64), np.bincount(pc[present_p], minlength=c).astype(np.int64),
-        iou_sum, pq, sq, rq, _ratio(tp, tp + fp), _ratio(tp, tp + fn), _ratio(2 * tp, 2 * tp + fp + fn),
+        iou_sum, pq, sq, rq, ratio_or_nan(tp, tp + fp), ratio_or_nan(tp, tp + fn), ratio_or_nan(2 * tp, 2 * tp + fp + fn),
         pred_match, pred_iou, ignored, truth_match, truth_iou, area_t,
     )
