@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +65,22 @@ def _colormap(colours) -> dict[int, tuple[int, int, int, int]]:
     return cmap
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+"""Characters XML 1.0 cannot hold, even escaped (control characters): ElementTree writes them as they are."""
+
+
+def _xml_text(text: str) -> str:
+    """``text`` as XML can hold it: a character it cannot written as its Python escape (``\\x01``), visibly."""
+    return _NOT_XML.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def _xml(root: ET.Element, doctype: str = "") -> bytes:
+    """The document as UTF-8: ElementTree escapes ``<``, ``&`` and quotes; a class name's control character becomes text."""
+    for element in root.iter():
+        if element.text:
+            element.text = _xml_text(element.text)
+        for key, value in element.attrib.items():
+            element.attrib[key] = _xml_text(value)
     ET.indent(root)
     return (doctype + ET.tostring(root, encoding="unicode") + "\n").encode("utf-8")
 
@@ -107,12 +125,22 @@ def pam_categories(names: list[str], colours) -> bytes:
     return _xml(pam)
 
 
+@contextmanager
+def _quiet_without_georeference():
+    """A mask of a plain image (no CRS, identity transform) is written and read quietly, as the reader opened the image."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
 def cog_classes(path: str | Path) -> tuple[list[str], list[str]] | None:
     """The class names and colours (``#rrggbb``) a satseg COG carries in its tags; None for any other GeoTIFF."""
     import rasterio
 
     try:
-        with rasterio.open(path) as src:
+        with _quiet_without_georeference(), rasterio.open(path) as src:
             tags = src.tags()
             cmap = src.colormap(1) if src.count >= 1 and src.colorinterp[0].name == "palette" else {}
     except (rasterio.errors.RasterioError, OSError, ValueError):
@@ -164,9 +192,6 @@ def export_cog(store: str | Path, out: str | Path, *, overwrite: bool = False) -
 
     When the store lies in a job's output folder, the scene's STAC item gains the COG as an asset.
     """
-    import rasterio
-    import rasterio.shutil
-
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise SpecError(f"--cog {out}: a COG is a GeoTIFF; give a path ending in .tif")
@@ -178,6 +203,20 @@ def export_cog(store: str | Path, out: str | Path, *, overwrite: bool = False) -
     colours = class_colours(mask.class_names, mask.class_colors)
     categories, style = cog_sidecars(out)
     source = out.parent / f".{out.name}.tmp-{os.getpid()}.src.tif"
+    with _quiet_without_georeference():
+        factors = _write_cog(mask, source, out, colours)
+    from pipeline.stac_output import add_cog_asset
+
+    item = add_cog_asset(Path(store), out)
+    return CogResult(out, tuple(mask.array.shape), mask.class_names, factors, style, categories, item)
+
+
+def _write_cog(mask: MaskStore, source: Path, out: Path, colours) -> list[int]:
+    """The COG through a tiled temporary copy of the mask, then its sidecars, then its name; the overviews GDAL wrote."""
+    import rasterio
+    import rasterio.shutil
+
+    categories, style = cog_sidecars(out)
     try:
         _write_source(mask, source, colours)
         with replacing(out, "path") as cog:
@@ -192,8 +231,4 @@ def export_cog(store: str | Path, out: str | Path, *, overwrite: bool = False) -
         for tmp in (source, source.with_name(source.name + ".aux.xml")):
             tmp.unlink(missing_ok=True)
     with rasterio.open(out) as src:
-        factors = src.overviews(1)
-    from pipeline.stac_output import add_cog_asset
-
-    item = add_cog_asset(Path(store), out)
-    return CogResult(out, tuple(mask.array.shape), mask.class_names, factors, style, categories, item)
+        return src.overviews(1)

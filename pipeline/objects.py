@@ -40,15 +40,16 @@ from pipeline.core.objects import CONNECTIVITIES, ObjectScores, SceneObjects, me
 from pipeline.counting import Raster, chunk_windows, dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
 from pipeline.object_tables import object_metrics_table, object_misses_table, open_objects_table
 from pipeline.report_tables import write_table
-from schemas.errors import SpecError
+from schemas.errors import MismatchError, SpecError
 from schemas.store import OutputLayout, is_zarr_node
 from workers.objects import (
     KEY_CLASSES, chunk_segments, instance_segments, label_components, map_polygons, polygon_pieces, require_shapely, union_pieces,
 )
+from workers.reader import SceneInfo, check_labels_match, grid_difference, open_scene
 
 __all__ = [
     "ObjectSpec", "object_spec", "ObjectsResult", "scene_objects", "job_scene_objects", "folder_objects", "check_job_things",
-    "job_objects",
+    "check_instances", "job_objects",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,29 @@ def object_spec(
         tuple(class_names), tuple(sorted(class_names.index(t) for t in set(things))), connectivity, simplify or None,
         ignore_index, tuple(label_values) if label_values is not None else None,
     )
+
+
+def check_instances(image: SceneInfo, instances: str | Path) -> None:
+    """An instance raster lies on the image's grid (so the mask's), pixel for pixel, as its labels do: else one line.
+
+    Read window by window, one of another grid would give other pixels' ids (or fail in a chunk), not an error.
+    """
+    difference = grid_difference(image, open_scene(instances, role="instances"))
+    if difference is not None:
+        raise MismatchError(
+            f"{instances}: instance raster {difference} (the grid of {image.path}); resample or crop it onto the image grid"
+        )
+
+
+def _check_truth(store: Path, shape: tuple[int, int], transform: tuple, crs, labels: str | None, instances: str | None) -> None:
+    """Labels and instance raster on the mask's grid, checked from their metadata before any chunk is read."""
+    if not labels:
+        return
+    wkt = crs.to_wkt() if hasattr(crs, "to_wkt") else (crs or None)
+    grid = SceneInfo(str(store), *shape, 1, "uint8", wkt, tuple(float(v) for v in tuple(transform)[:6]), None)
+    check_labels_match(grid, open_scene(labels, role="label"))
+    if instances:
+        check_instances(grid, instances)
 
 
 def _pred_classes(pred: Raster, window: Window, spec: ObjectSpec) -> np.ndarray:
@@ -291,6 +315,7 @@ def scene_objects(
     t0 = time.perf_counter()
     mask = zarr.open_array(str(store), path=MASK, mode="r")
     height, width = mask.shape
+    _check_truth(store, (height, width), transform, crs, labels, instances)
     windows, sizes = chunk_windows((height, width), tuple(mask.chunks))
     grid = (len(sizes[0]), len(sizes[1]))
     pred = mask_raster(store)
@@ -432,6 +457,19 @@ def _instances_by_scene(names: list[str], given: list[str] | None) -> dict[str, 
     return out
 
 
+def _recorded_labels(layout: OutputLayout, job_id: str, scene: str) -> str | None:
+    """The scene's labels as its report row keeps them (`schemas.rasters.recorded_path`: a local file by its absolute
+    path), so a job run with relative paths finds them from any folder; None without a row that names them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(layout.report_file("scenes", job_id, scene), columns=["labels"]).to_pylist()
+    except (OSError, pa.ArrowException):  # no row (or an unreadable one): the job record's path
+        return None
+    return rows[0]["labels"] if rows and rows[0].get("labels") else None
+
+
 def folder_objects(
     out: str | Path, *, things: list[str] | None = None, connectivity: int | None = None, simplify: float | None = None,
     scenes: list[str] | None = None, instances: list[str] | None = None,
@@ -476,9 +514,11 @@ def folder_objects(
         given = truth_ids.get(name) or (str(scene.instances) if scene.instances is not None else None)
         if given and scene.labels is None:
             raise SpecError(f"--instances {given}: scene {name} has no labels to give the objects' classes")
+        job_id = str(record.get("job_id"))
+        labels = (_recorded_labels(layout, job_id, name) or str(scene.labels)) if scene.labels is not None else None
         results.append(job_scene_objects(
-            layout, str(record.get("job_id")), name, store, mask.class_names, list(things), transform=mask.transform,
-            crs=mask.crs, labels=str(scene.labels) if scene.labels is not None else None, instances=given,
+            layout, job_id, name, store, mask.class_names, list(things), transform=mask.transform,
+            crs=mask.crs, labels=labels, instances=given,
             connectivity=connectivity or job.connectivity, simplify=job.simplify if simplify is None else simplify,
             ignore_index=job.ignore_index, label_values=job.label_values, source=source,
         ))

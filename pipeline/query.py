@@ -58,11 +58,14 @@ def _report_roots(reports: Path) -> list[Path]:
     return [reports, jobs] if jobs.is_dir() else [reports]
 
 
-def _table_globs(reports: Path, table: str) -> list[str]:
-    """File globs of ``table``: under ``reports``, and under each tick's job when ``reports`` is a schedule's."""
+def _table_files(reports: Path, table: str) -> list[str]:
+    """The files of ``table``: under ``reports``, and under each tick's job when ``reports`` is a schedule's.
+
+    Named one by one, never by a pattern: a folder's name may hold ``[``, ``*`` or ``?``, which a DuckDB glob reads as
+    a pattern (and an escaped one would fall outside the folders a query may read).
+    """
     patterns = [f"{table}/*/*.parquet", f"*/reports/{table}/*/*.parquet"]  # reports, then each tick's job's
-    pairs = zip(_report_roots(reports), patterns)
-    return [str(root / pattern) for root, pattern in pairs if next(root.glob(pattern), None) is not None]
+    return [str(f) for root, pattern in zip(_report_roots(reports), patterns) for f in sorted(root.glob(pattern))]
 
 
 def _sql_text(value: str) -> str:
@@ -92,16 +95,14 @@ SCENE_CRS_TABLES = ("objects",)
 """Tables whose geometry is in each scene's own CRS (GeoParquet ``crs`` per file), not one CRS for all rows."""
 
 
-def _scene_crs_source(globs: list[str]) -> str:
+def _scene_crs_source(files: list[str]) -> str:
     """A SELECT over a scene-CRS table: files of one CRS are read together; when there are several CRSs, each group's
     geometry is cast to a GEOMETRY without CRS (one DuckDB column holds one CRS), so scenes in different zones still
     share a view (each file keeps its CRS for geopandas)."""
-    import glob
-
     import pyarrow.parquet as pq
 
     groups: dict[str, list[str]] = {}
-    for path in sorted(f for g in globs for f in glob.glob(g)):
+    for path in files:
         try:
             geo = json.loads((pq.read_schema(path).metadata or {}).get(b"geo", b"{}"))
             crs = json.dumps(geo.get("columns", {}).get("geometry", {}).get("crs"), sort_keys=True)
@@ -110,10 +111,10 @@ def _scene_crs_source(globs: list[str]) -> str:
         groups.setdefault(crs, []).append(path)
     read = "read_parquet([{}], hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
     if len(groups) <= 1:
-        return "SELECT * FROM " + read.format(", ".join(_sql_text(g) for g in globs))
+        return "SELECT * FROM " + read.format(", ".join(_sql_text(f) for f in files))
     return " UNION ALL BY NAME ".join(
-        "SELECT * REPLACE (geometry::GEOMETRY AS geometry) FROM " + read.format(", ".join(_sql_text(f) for f in files))
-        for files in groups.values()
+        "SELECT * REPLACE (geometry::GEOMETRY AS geometry) FROM " + read.format(", ".join(_sql_text(f) for f in group))
+        for group in groups.values()
     )
 
 
@@ -135,15 +136,15 @@ def connect_reports(reports: str | Path) -> duckdb.DuckDBPyConnection:
     _load_spatial(con)
     found = 0
     for table in REPORT_TABLES:
-        globs = _table_globs(reports, table)
-        if not globs:
+        files = _table_files(reports, table)
+        if not files:
             continue
-        files = ", ".join(_sql_text(g) for g in globs)
+        listed = ", ".join(_sql_text(f) for f in files)
         try:
             con.execute(  # partition values stay text: a job id of 12 digits is still an id, not a number
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
                 "hive_types_autocast = false, union_by_name = true)"
-                if table not in SCENE_CRS_TABLES else f"CREATE VIEW {table} AS {_scene_crs_source(globs)}"
+                if table not in SCENE_CRS_TABLES else f"CREATE VIEW {table} AS {_scene_crs_source(files)}"
             )
         except duckdb.Error as err:  # a file that is no Parquet (or a damaged one) among the reports
             raise SpecError(

@@ -26,7 +26,7 @@ from pipeline.cluster import connect
 from pipeline.counting import dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
 from pipeline.core.geometry import ChunkGrid
 from pipeline.core.metrics import SceneScores, SegmentationMetrics, scene_scores
-from pipeline.objects import check_job_things, job_objects
+from pipeline.objects import check_instances, check_job_things, job_objects
 from pipeline.overviews import write_overviews
 from pipeline.core.plan import ScenePlan, plan_scene
 from pipeline.progress import progress_bar
@@ -182,6 +182,8 @@ def _validate_scenes(spec: JobSpec, model: ResolvedModel) -> list[_Scene]:
         if scene.labels is not None:
             labels = open_scene(scene.labels, role="label")
             check_labels_match(info, labels)
+        if scene.instances is not None:  # true object ids (`things`): on the image's grid too
+            check_instances(info, scene.instances)
         out.append(_Scene(scene, info, labels, bands))
     return out
 
@@ -538,7 +540,7 @@ def _run_scene(job: _RunningJob, scene: _Scene) -> SceneResult:
     spec = job.spec
     plan = plan_scene(
         scene.info.height, scene.info.width, tile=spec.tile_size, overlap=spec.overlap, chunk=spec.effective_chunk_size,
-        mode=spec.stitch,
+        mode=spec.stitch, refine=spec.refine_settings,
     )
     store, written = _open_store(job, scene, plan)
     counting = _ChunkCounting(plan, store, scene.spec, spec, len(job.model.class_names), written)

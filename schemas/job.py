@@ -13,10 +13,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator,
+)
 
 from schemas.errors import SpecError
 from schemas.rasters import RasterPath
+from schemas.refine import CRFOptions, SLICOptions, refine_options_model
 from schemas.store import MASK_NODATA
 from schemas.specfile import (
     MAX_NAME_LENGTH, check_path_length, check_safe_name, describe, excerpt, quoted, read_mapping, resolve_path,
@@ -293,7 +296,8 @@ class ScoringSpec(BaseModel):
         return list(self.classes) if isinstance(self.classes, dict) else None
 
 
-LATER_FIELDS = {"boundary_convention": "neutral", "things": None, "connectivity": 4, "simplify": None}
+LATER_FIELDS = {"boundary_convention": "neutral", "things": None, "connectivity": 4, "simplify": None, "refine": "none",
+                "refine_options": {}}
 """Identity fields added after jobs had run, with the value those jobs had; see `JobSpec.identity`."""
 
 RUN_SETTINGS = frozenset({"out", "address", "num_actors", "max_windows_in_flight", "batch_size", "compile", "device"})
@@ -332,6 +336,8 @@ class JobSpec(ScoringSpec):
     things: list[str] | None = None  # classes whose connected components are objects (pipeline/objects.py)
     connectivity: Literal[4, 8] = 4  # objects' pixels join across edges (4) or also corners (8)
     simplify: float | None = Field(default=None, ge=0)  # polygon simplification tolerance, map units
+    refine: Literal["none", "slic", "crf"] = "none"  # after stitching, before argmax (pipeline/core/refine.py)
+    refine_options: dict = Field(default_factory=dict, validate_default=True)  # the method's (schemas/refine.py), complete
 
     @field_validator("checkpoint", "init", "out")
     @classmethod
@@ -356,6 +362,25 @@ class JobSpec(ScoringSpec):
         if v is not None and (not v or min(v) < 1):
             raise ValueError("band indexes start at 1, as in GDAL")
         return v
+
+    @field_validator("refine_options")
+    @classmethod
+    def _refine_options(cls, v: dict, info: ValidationInfo) -> dict:
+        method = info.data.get("refine", "none")
+        model = refine_options_model(method)
+        if model is None:
+            if v:
+                raise ValueError("refine_options given without refine; set refine: slic or crf, or drop refine_options")
+            return v
+        try:
+            return model.model_validate(v).model_dump()
+        except ValidationError as err:
+            unknown = [e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden"]
+            if unknown:
+                raise ValueError(
+                    f"refine: {method} takes no option {quoted(str(unknown[0]), 40)}; it takes {', '.join(model.model_fields)}"
+                ) from None
+            raise ValueError(f"refine: {method}: {describe(err, method).removeprefix(f'{method}: ')}") from None
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
@@ -386,6 +411,12 @@ class JobSpec(ScoringSpec):
         if any(s.instances is not None for s in self.scenes) and not self.things:
             raise ValueError("scenes give `instances` (true object ids): give `things` too, the classes they are of")
         return self
+
+    @property
+    def refine_settings(self) -> CRFOptions | SLICOptions | None:
+        """The refinement's options (None for ``refine: none``)."""
+        model = refine_options_model(self.refine)
+        return None if model is None else model.model_validate(self.refine_options)
 
     @property
     def effective_chunk_size(self) -> int:

@@ -25,9 +25,11 @@ onnx = pytest.importorskip("onnx", reason="ONNX export needs pip install 'satseg
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 """The promise (README, metadata's onnx_tolerance): max |ONNX - PyTorch| <= TOLERANCE * max(1, max |PyTorch logit|)."""
-WIDTHS = {"baseline": 1.0, "hrnet": 0.25, "deeplabv3plus": 0.125}
+WIDTHS = {"baseline": 1.0, "hrnet": 0.25, "deeplabv3plus": 0.125, "fcn": 1 / 16, "segnet": 1 / 16, "unet": 1 / 16,
+          "unet_plusplus": 1 / 8, "linknet": 0.25, "pspnet": 0.125, "deeplabv3": 0.125}
 """Tiny widths by family: the graph, not the arithmetic, is what an export can get wrong."""
-FAST = ["pixel_linear", "hrnet_w18_small_v1", "deeplabv3plus_resnet50"]
+FAST = ["pixel_linear", "hrnet_w18_small_v1", "deeplabv3plus_resnet50", "fcn8s_vgg16", "segnet_vgg16", "unet", "unet_plusplus",
+        "linknet_resnet18", "pspnet_resnet50", "deeplabv3_resnet50"]
 """One model per family in `make test`; every other registry model runs in `make test-slow`."""
 BANDS = [4, 3, 2, 8]
 MEAN, STD = [100.0, 200.0, 300.0, 400.0], [10.0, 20.0, 30.0, 40.0]

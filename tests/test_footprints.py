@@ -114,6 +114,11 @@ def test_duckdb_reads_footprints_of_both_zones(two_zones, tmp_path):
         assert rows[0][0] == 2 * 150 * 170 * 100
 
 
+def test_a_reports_folder_whose_name_looks_like_a_pattern_is_queried(two_zones, tmp_path):
+    layout = _write_reports(tmp_path / "runs [1] *?", {"west": two_zones["west"]})
+    assert run_query(layout.root, "SELECT scene, count(*) FROM tiles GROUP BY scene").rows == [("west", 9)]
+
+
 def test_spatial_function_without_the_extension_is_one_line(two_zones, tmp_path, capsys):
     from pipeline.query import spatial_available
 

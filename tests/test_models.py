@@ -1,4 +1,4 @@
-"""Tests for the model registry, HRNetV2 and DeepLabV3+: shapes, published sizes, input contract."""
+"""Tests for the model registry and every model family: shapes, published sizes, input contract."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from workers.models.registry import TILE_MULTIPLE, check_tile
 HRNETS = ["hrnet_w18_small_v1", "hrnet_w18_small_v2", "hrnet_w18", "hrnet_w32", "hrnet_w48"]
 DEEPLABS = ["deeplabv3plus_resnet50", "deeplabv3plus_resnet101"]
 BASELINES = ["pixel_linear"]
+VGGS = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "segnet_vgg16"]
+UNETS = ["unet", "unet_plusplus"]
+PYRAMIDS = ["linknet_resnet18", "pspnet_resnet50", "pspnet_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"]
 
 # Published HRNetV2 sizes (HRNet-Semantic-Segmentation) and DeepLabV3+ sizes, 3 bands, 19 classes.
 PARAMETERS = {
@@ -23,12 +26,27 @@ PARAMETERS = {
     "deeplabv3plus_resnet50": 40_351_667,
     "deeplabv3plus_resnet101": 59_343_795,
     "pixel_linear": 3 * 19 + 19,  # one 1x1 convolution with bias
+    # FCN, SegNet, U-Net, U-Net++ at 3 bands, 19 classes; their reference configurations in tests/test_models_family.py
+    "fcn32s_vgg16": 134_338_387,
+    "fcn16s_vgg16": 134_348_134,
+    "fcn8s_vgg16": 134_353_017,
+    "segnet_vgg16": 29_453_971,
+    "unet": 31_032_915,
+    "unet_plusplus": 9_042_771,
+    # LinkNet, PSPNet, DeepLabV3 at 3 bands, 19 classes; their reference configurations in tests/test_models_pyramid.py
+    "linknet_resnet18": 11_535_699,
+    "pspnet_resnet50": 46_715_347,
+    "pspnet_resnet101": 65_707_475,
+    "deeplabv3_resnet50": 39_638_355,
+    "deeplabv3_resnet101": 58_630_483,
 }
 RESNET_BACKBONE_PARAMETERS = {"deeplabv3plus_resnet50": 23_508_032, "deeplabv3plus_resnet101": 42_500_160}
 
 
 def _tiny(name: str) -> float:
-    return 0.125 if name in DEEPLABS else 0.25
+    if name in VGGS + UNETS:
+        return 1 / 16
+    return 0.125 if name in DEEPLABS + PYRAMIDS else 0.25
 
 
 def _logits(model: torch.nn.Module, bands: int, size: int = 64, batch: int = 1) -> torch.Tensor:
@@ -42,7 +60,7 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def test_registry_lists_every_family():
-    assert sorted(list_models()) == sorted(HRNETS + DEEPLABS + BASELINES)
+    assert sorted(list_models()) == sorted(HRNETS + DEEPLABS + BASELINES + VGGS + UNETS + PYRAMIDS)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -173,12 +191,12 @@ def test_model_info_is_frozen():
         model_info("hrnet_w18").family = "unet"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("call", [lambda: create_model("unet", 3, 2), lambda: model_info("unet")])
+@pytest.mark.parametrize("call", [lambda: create_model("unet3plus", 3, 2), lambda: model_info("unet3plus")])
 def test_unknown_name_lists_the_valid_names(call):
     with pytest.raises(SpecError) as raised:
         call()
     message = str(raised.value)
-    assert "'unet'" in message and all(name in message for name in list_models())
+    assert "'unet3plus'" in message and all(name in message for name in list_models())
     assert isinstance(raised.value, ValueError)
 
 

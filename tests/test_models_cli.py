@@ -111,15 +111,25 @@ def test_commands_have_help(command, capsys):
     assert exited.value.code == 0 and f"usage: satseg {command}" in capsys.readouterr().out
 
 
+_STALE = "the model table is stale: rewrite it with workers.models.costs.write_table()"
+
+
+def test_the_table_lists_exactly_the_registered_models():
+    from workers.model_table import read_table
+
+    assert sorted(read_table()) == list_models(), _STALE
+
+
+@pytest.mark.slow
 def test_the_table_satseg_models_reads_equals_a_fresh_measurement_of_every_model():
-    """The table is measured, not quoted: it lists exactly the registered models, each as `model_costs` measures it now.
+    """The table is measured, not quoted: each model as `model_costs` measures it now (the fast suite checks a few).
 
     (After adding or changing a model: ``python -c "from workers.models.costs import write_table; write_table()"``.)
     """
     from workers.model_table import TABLE_TILE, read_table, tabled_costs
 
     table = read_table()
-    assert sorted(table) == list_models(), "the model table is stale: rewrite it with workers.models.costs.write_table()"
+    assert sorted(table) == list_models(), _STALE
     for row in tabled_costs(3, 19, table):
         measured = model_costs(row.name, 3, 19, TABLE_TILE)
         assert (row.parameters, row.output_stride, row.whole_tile_context) == (

@@ -445,11 +445,12 @@ def test_satseg_objects_scores_against_an_instance_raster(tmp_path, capsys):
     assert {r["truth_segments"] for r in rows if r["class_name"] == "building"} == {2}
 
 
-def test_query_reads_objects_of_scenes_in_different_crss(tmp_path):
+@pytest.mark.parametrize("folder", ["out", "out [1]"])  # `[1]` is a pattern to DuckDB's and Python's globs
+def test_query_reads_objects_of_scenes_in_different_crss(tmp_path, folder):
     from pipeline.query import run_query
 
     m = corner_scene().astype(np.uint8)
-    layout = OutputLayout(tmp_path / "out")
+    layout = OutputLayout(tmp_path / folder)
     spec = object_spec(NAMES, [NAMES[i] for i in THINGS])
     for scene, epsg in (("north", 32633), ("east", 32634)):
         store = write_store(tmp_path / f"{scene}.zarr", m, 8, NAMES)
@@ -458,3 +459,86 @@ def test_query_reads_objects_of_scenes_in_different_crss(tmp_path):
                                        "FROM objects GROUP BY scene ORDER BY scene")
     n = int(ref_objects(m.astype(np.int16), THINGS, 4).max())
     assert result.rows == [("east", n, True), ("north", n, True)]
+
+
+# ---------- inputs: grids, folders, versions ----------
+
+
+def test_truth_on_another_grid_is_one_line_before_any_chunk(tmp_path, capsys):
+    """An instance raster (or labels) of another grid would be read window by window as other pixels' ids."""
+    from pipeline.cli import main
+    from pipeline.job_folder import claim_output
+    from schemas.errors import MismatchError
+
+    pred, truth = _pair_scene(3)
+    tif = _labels_tif(tmp_path / "labels.tif", truth)
+    for h, w in ((60, 60), (10, 10)):  # larger: read silently as a corner of it; smaller: a chunk fails
+        inst = _labels_tif(tmp_path / f"ids{h}.tif", np.ones((h, w)), nodata=0)
+        with pytest.raises(MismatchError, match=rf"ids{h}.tif: instance raster shape {h}x{w} differs from 37x43 \("):
+            _run(tmp_path, f"g{h}", pred.astype(np.uint8), 9, labels=str(tif), instances=str(inst))
+    with rasterio.open(tif) as src:
+        profile = src.profile | {"transform": rasterio.Affine(*TRANSFORM) @ rasterio.Affine.translation(1, 0)}
+        values = src.read(1)
+    with rasterio.open(tmp_path / "shifted.tif", "w", **profile) as dst:
+        dst.write(values, 1)
+    with pytest.raises(MismatchError, match="shifted.tif: label transform differs"):
+        _run(tmp_path, "shifted", pred.astype(np.uint8), 9, labels=str(tmp_path / "shifted.tif"))
+    out = tmp_path / "job"  # `satseg objects --instances`: the same line, exit 2
+    spec = {"scenes": [{"image": str(tmp_path / "img.tif"), "labels": str(tif), "name": "s"}], "model": "pixel_linear",
+            "classes": NAMES, "things": ["building"], "out": str(out)}
+    claim_output(OutputLayout(out), "jobid", spec)
+    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    assert main(["objects", str(out), "--instances", str(tmp_path / "ids60.tif")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "instance raster shape 60x60 differs" in err[0] and "resample or crop" in err[0], err
+
+
+def test_satseg_objects_finds_relative_labels_from_any_folder(tmp_path, monkeypatch, capsys):
+    """A job run with relative paths keeps them so in job.json; its scenes row holds the labels by absolute path."""
+    from pipeline.cli import main
+    from pipeline.job_folder import claim_output
+    from pipeline.report_tables import scenes_table, write_table
+    from schemas.rasters import recorded_path
+
+    pred, truth = _pair_scene(5)
+    monkeypatch.chdir(tmp_path)
+    _labels_tif(tmp_path / "labels.tif", truth)
+    layout = OutputLayout(tmp_path / "job")
+    spec = {"scenes": [{"image": "img.tif", "labels": "labels.tif", "name": "s"}], "model": "pixel_linear",
+            "classes": NAMES, "things": ["building", "pond"], "out": "job"}
+    claim_output(layout, "jobid", spec)
+    write_store(layout.mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    write_table(scenes_table({"scene": "s", "image": recorded_path("img.tif"), "labels": recorded_path("labels.tif")}, None),
+                layout.report_file("scenes", "jobid", "s"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["objects", str(layout.root)]) == 0, capsys.readouterr().err
+    rows = pq.read_table(layout.report_file("object_metrics", "jobid", "s")).to_pylist()
+    assert {r["truth"] for r in rows} == {"components"} and sum(r["true_positives"] for r in rows if r["level"] == "all") > 0
+
+
+def test_shapely_without_2_1_is_one_line_before_any_work(monkeypatch):
+    import shapely
+
+    monkeypatch.delattr(shapely, "orient_polygons")  # as in shapely 2.0, which imports fine but cannot orient polygons
+    monkeypatch.setattr(shapely, "__version__", "2.0.7")
+    with pytest.raises(SpecError, match=r"shapely 2.1 or later .*\(shapely 2.0.7 is installed\); pip install 'satseg\[objects"):
+        object_spec(NAMES, ["building"])
+
+
+@pytest.mark.slow  # resolving the job's model imports torch
+def test_a_job_refuses_an_instance_raster_on_another_grid_before_it_starts(tmp_path, capsys):
+    from pipeline.cli import main
+
+    _, truth = _pair_scene(3)
+    image, labels = _labels_tif(tmp_path / "image.tif", truth), _labels_tif(tmp_path / "labels.tif", truth)
+    ids = _labels_tif(tmp_path / "ids.tif", np.ones((37, 44)), nodata=0)
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({
+        "scenes": [{"image": str(image), "labels": str(labels), "instances": str(ids), "name": "s"}], "model": "pixel_linear",
+        "classes": NAMES, "things": ["building"], "out": str(tmp_path / "out"),
+    }))
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ids.tif: instance raster shape 37x44 differs from 37x43" in err[0], err
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -4,6 +4,7 @@ QGIS style; `satseg evaluate` reads a satseg COG's class names; every mask gets 
 from __future__ import annotations
 
 import json
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -212,6 +213,22 @@ def test_the_qgis_style_is_a_paletted_renderer_with_names(job_folder):
     assert entries == [(str(k), c, n, "255") for k, (n, c) in enumerate(zip(NAMES, COLOURS))]
 
 
+def test_sidecars_hold_any_class_name_as_text(tmp_path):
+    """Markup characters are escaped; a control character (which XML cannot hold at all) is written as its escape."""
+    names = ['a<b>', 'x & "y"', "it's", "tab\there", "bell\x07", "nul\x00"]
+    shown = names[:4] + ["bell\\x07", "nul\\x00"]
+    store = _coloured_store(tmp_path / "m.zarr", np.arange(6, dtype=np.uint8).reshape(2, 3), names, [None] * 6, chunk=2)
+    cog = export_cog(store, tmp_path / "m.tif")
+    entries = ET.parse(cog.style).getroot().findall("pipe/rasterrenderer/colorPalette/paletteEntry")
+    assert [e.get("label") for e in entries] == shown
+    vrt = tmp_path / "seen_by_gdal.vrt"  # GDAL's reading of the PAM sidecar, as in the test above
+    rasterio.shutil.copy(cog.path, vrt, driver="VRT")
+    band = ET.parse(vrt).getroot().find("VRTRasterBand")
+    assert [c.text for c in band.find("CategoryNames")] == shown
+    assert [row.findall("F")[1].text for row in band.find("GDALRasterAttributeTable").findall("Row")] == shown
+    assert cog_classes(cog.path)[0] == names  # the tags (JSON) keep the names exactly
+
+
 # ---- evaluate reads a satseg COG's class names ----------------------------------------------------------------------
 
 
@@ -340,6 +357,25 @@ def test_a_mask_without_a_crs_gets_an_item_without_geometry(tmp_path):
     validator = _validator()
     validate_dict(item, validator=validator)
     validate_dict(json.loads(layout.stac_collection.read_text()), validator=validator)
+
+
+def test_a_mask_without_a_crs_exports_quietly(tmp_path):
+    """A plain image's mask (no CRS, the identity transform the reader gives it) exports without rasterio's warnings."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    info = SceneInfo("x", 20, 30, 1, "uint8", None, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0), None)
+    create_mask_store(tmp_path / "plain.zarr", info, 16, class_names=["a", "b"], job_id="nocrs")
+    for r in (0, 16):
+        for c in (0, 16):
+            win = Window(r, c, min(16, 20 - r), min(16, 30 - c))
+            write_mask_chunk(tmp_path / "plain.zarr", win, np.ones((win.height, win.width), np.uint8))
+    mark_complete(tmp_path / "plain.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotGeoreferencedWarning)
+        cog = export_cog(tmp_path / "plain.zarr", tmp_path / "plain.tif")
+        assert cog_classes(cog.path) == (["a", "b"], class_colour_hexes(["a", "b"], None))
+    with rasterio.open(cog.path) as src:
+        assert src.crs is None and (src.read(1) == 1).all()
 
 
 # ---- end to end: a job with coloured classes ------------------------------------------------------------------------

@@ -217,13 +217,15 @@ def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_sc
                  "classes": CLASSES[::-1], "ignore_index": 0, "boundary_width": 2, "boundary_ratio": 0.01,
                  "trimap_max_width": 4, "model": "hrnet_w18_small_v2", "boundary_convention": "reference",
                  "things": ["water"], "connectivity": 8, "simplify": 1.0,
-                 "scenes": [{"image": str(odd_scene.image), "name": "other"}]}
+                 "scenes": [{"image": str(odd_scene.image), "name": "other"}], "refine": "crf",
+                 "refine_options": {"iterations": 2}}
     # the checkpoint and the init weights count by their content hash (test_pretrained checks init's)
     identity = set(JobSpec.model_fields) - RUN_SETTINGS - {"checkpoint", "init"}
     assert set(different) == identity  # every identity field is tried
     assert "boundary_convention" not in base.identity()  # added later: jobs run before keep their ids at its default
     for key, value in different.items():
-        other = base.model_copy(update={key: job(odd_scene, tmp_path / "a", **{key: value}).__dict__[key]})
+        method = {"refine": "crf"} if key == "refine_options" else {}  # options belong to a method
+        other = base.model_copy(update={key: job(odd_scene, tmp_path / "a", **method, **{key: value}).__dict__[key]})
         assert job_id_of(other, model, "cpu") != job_id_of(base, model, "cpu"), key
     assert job_id_of(base, model, "cuda") != job_id_of(base, model, "cpu")  # bfloat16 on a GPU, float32 on a CPU
 

@@ -134,6 +134,7 @@ def test_a_band_not_in_the_item_lists_what_is(scene, served, capsys, tmp_path):
     [
         (None, "STAC item not found; check the path"),
         ("{not json", "not a STAC item (not JSON"),
+        ("[" * 100_000, "not a STAC item (not JSON: maximum recursion depth"),  # nested deeper than Python's parser goes
         (json.dumps({"type": "FeatureCollection", "features": []}), "a FeatureCollection (a search result), not one STAC item"),
         (json.dumps({"type": "Collection", "id": "c"}), "a STAC Collection, not an item"),
         (json.dumps({"type": "Feature", "properties": {}}), "not a STAC item (an item is a GeoJSON Feature with `assets`)"),

@@ -40,6 +40,9 @@ def require_shapely():
         import shapely
     except ImportError:
         raise SpecError(f"objects need shapely for their polygons; {OBJECTS_EXTRA}") from None
+    if not hasattr(shapely, "orient_polygons"):  # 2.1's, which `map_polygons` needs: an older one fails only at the end
+        raise SpecError(f"objects need shapely 2.1 or later for their polygons (shapely {shapely.__version__} is installed); "
+                        f"{OBJECTS_EXTRA}")
     return shapely
 
 

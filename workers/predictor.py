@@ -27,6 +27,7 @@ import torch
 
 from pipeline.core.geometry import Window
 from pipeline.core.plan import ChunkResult, ChunkTask, ScenePlan
+from pipeline.core.refine import CRF_KERNEL_CACHE_BYTES, refine_classes
 from pipeline.core.metrics import MASK_NODATA
 from pipeline.core.stitch import class_argmax, quantise_probabilities, stitch_chunk, window_weights
 from schemas.errors import one_line
@@ -86,6 +87,14 @@ def use_deterministic_cuda_kernels() -> None:
     """
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def refine_cache_bytes(device: torch.device) -> int:
+    """How much a CRF refinement may keep between iterations: on a GPU a tenth of its memory (at most 8 GiB), else
+    `pipeline.core.refine.CRF_KERNEL_CACHE_BYTES`."""
+    if device.type != "cuda":
+        return CRF_KERNEL_CACHE_BYTES
+    return min(8 << 30, torch.cuda.get_device_properties(device).total_memory // 10)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -199,6 +208,7 @@ class TilePredictor:
         self._cache = TileCache(cache_bytes)
         self._lock = threading.Lock()
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._refine_cache = refine_cache_bytes(self.device)
         self.tiles_predicted = 0
         self.model_seconds = 0.0
         self.chunk_seconds = 0.0
@@ -415,7 +425,8 @@ class TilePredictor:
         probabilities: bool,
     ):
         lattice = plan.lattice
-        self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap, probabilities))
+        classes = plan.mode == "crop" and not probabilities and plan.refine is None  # tiles' class maps are enough
+        self._cache.switch((scene_key, plan.mode, lattice.tile, lattice.overlap, classes))
         tiles = []  # which tiles to skip is decided on the host: no device round trip per tile
         for r, c in task.tiles:
             win = lattice.window(r, c)
@@ -428,16 +439,21 @@ class TilePredictor:
                 self._weights[key] = torch.from_numpy(window_weights(window, lattice.tile)).to(self.device)
             weights = self._weights[key]
         out = stitch_chunk(
-            task.chunk,
-            self._tile_outputs(x, read, tiles, plan.mode == "crop" and not probabilities, plan),
+            task.stitched,
+            self._tile_outputs(x, read, tiles, classes, plan),
             lattice=lattice,
             mode=plan.mode,
             num_classes=self.num_classes,
             weights=weights,
-            probabilities=probabilities,
+            probabilities=probabilities or plan.refine is not None,
             like=x,
         )
-        mask, probs = out if probabilities else (out, None)
+        mask, probs = out if probabilities or plan.refine is not None else (out, None)
+        if plan.refine is not None:  # on the stitched region, then only the chunk is kept (pipeline/core/refine.py)
+            region, inner = task.stitched, task.stitched.slices_in(read)
+            mask = refine_classes(probs, mask, x[(slice(None), *inner)], valid[inner], region, plan.refine, self._refine_cache)
+            keep = task.chunk.slices_in(region)
+            mask, probs = mask[keep], probs[(slice(None), *keep)]
         chunk_valid = valid[task.chunk.slices_in(read)]
         mask[~chunk_valid] = MASK_NODATA
         return (mask, quantise_probabilities(probs, chunk_valid)) if probabilities else (mask,)

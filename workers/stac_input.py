@@ -84,7 +84,7 @@ def read_item(location: str) -> dict:
         raise InputFileError(f"{location}: larger than {MAX_ITEM_BYTES >> 20} MiB, not one STAC item; give one item's JSON")
     try:
         item = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # RecursionError: nested beyond any item's depth
         raise InputFileError(f"{location}: not a STAC item (not JSON: {excerpt(first_line(err), 80)}); give an item's JSON") from None
     kind = item.get("type") if isinstance(item, dict) else None
     if kind == "FeatureCollection":

@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--save-probabilities", action="store_true", default=None,
         help="store per-class probabilities (uint8, p = value/255) beside the mask; adds PR curves and AP to the reports",
     )
+    p.add_argument(
+        "--refine", choices=["none", "slic", "crf"],
+        help="refine the stitched probabilities before argmax: SLIC superpixel votes or a mean-field CRF, with their "
+        "default options (others: refine_options in a job file); default none",
+    )
     p.add_argument("--boundary-width", type=int, help="boundary IoU band width in pixels (default 3)")
     p.add_argument(
         "--boundary-ratio", type=float,
@@ -78,7 +83,7 @@ _FLAG_FIELDS = {
     "num_actors": "num_actors", "device": "device", "tta": "tta", "compile": "compile",
     "ignore_index": "ignore_index", "out": "out", "address": "address", "save_probabilities": "save_probabilities",
     "boundary_width": "boundary_width", "boundary_ratio": "boundary_ratio", "trimap_max_width": "trimap_max_width",
-    "boundary_convention": "boundary_convention",
+    "boundary_convention": "boundary_convention", "refine": "refine",
 }
 
 
@@ -100,6 +105,8 @@ def spec_from_args(args: argparse.Namespace):
             raise SpecError("give either a job file or --image (and --stac-bands), not both")
         spec = load_job(args.job)
         data = spec.model_dump(mode="json")
+        if overrides.get("refine", data["refine"]) != data["refine"]:
+            data.pop("refine_options")  # the job's options are another method's
         data.update(overrides)
         return job_from_dict(data, args.job)
     if not args.image:

@@ -6,19 +6,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.geometry import ChunkGrid, TileLattice, Window
+from pipeline.core.refine import RefineOptions, refine_region, refine_span
 
 __all__ = ["ChunkTask", "ChunkResult", "ScenePlan", "plan_scene"]
 
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """What one output chunk needs: its window, the tiles touching it, and the window to read."""
+    """What one output chunk needs: its window, the tiles touching it, and the window to read.
+
+    ``region`` is what the chunk stitches: the chunk itself, or with a refinement the chunk grown by the halo the
+    refinement reads (`pipeline.core.refine.refine_region`); the tiles are those touching the region.
+    """
 
     row: int
     col: int
     chunk: Window
     tiles: tuple[tuple[int, int], ...]
     read: Window
+    region: Window | None = None  # None: the chunk
+
+    @property
+    def stitched(self) -> Window:
+        """The window the chunk stitches (and refines)."""
+        return self.chunk if self.region is None else self.region
 
     @property
     def key(self) -> str:
@@ -48,11 +59,13 @@ class ScenePlan:
     grid: ChunkGrid
     lattice: TileLattice
     mode: str
+    refine: RefineOptions | None = None  # applied to each chunk's stitched probabilities (pipeline/core/refine.py)
 
     def task(self, row: int, col: int) -> ChunkTask:
         chunk = self.grid.window(row, col)
-        tiles = tuple(self.lattice.tiles_touching(chunk, cores_only=self.mode == "crop"))
-        return ChunkTask(row, col, chunk, tiles, self.lattice.extent(list(tiles)))
+        region = refine_region(chunk, self.height, self.width, self.refine) if self.refine is not None else None
+        tiles = tuple(self.lattice.tiles_touching(region or chunk, cores_only=self.mode == "crop"))
+        return ChunkTask(row, col, chunk, tiles, self.lattice.extent(list(tiles)), region)
 
     def tasks(self) -> list[ChunkTask]:
         return [self.task(r, c) for r, c in self.grid]
@@ -74,9 +87,17 @@ class ScenePlan:
         """How many chunks need lattice tile (row, col): after that many uses it can be dropped."""
         win = self.lattice.window(row, col) if self.mode == "blend" else self.lattice.core(row, col)
         c = self.grid.chunk
+        if self.refine is not None:  # chunks whose region, grown by the refinement's halo, reaches the tile
+            return self._reaching(win.row_off, win.row_stop, self.height) * self._reaching(win.col_off, win.col_stop, self.width)
         r0, r1 = max(0, win.row_off) // c, (min(self.height, win.row_stop) - 1) // c
         c0, c1 = max(0, win.col_off) // c, (min(self.width, win.col_stop) - 1) // c
         return (r1 - r0 + 1) * (c1 - c0 + 1)
+
+    def _reaching(self, start: int, stop: int, n: int) -> int:
+        """Along one axis: how many chunks' refinement regions overlap ``[start, stop)``."""
+        c, lo, hi = self.grid.chunk, max(0, start), min(n, stop)
+        spans = (refine_span(i * c, min(n, (i + 1) * c), n, self.refine) for i in range(-(-n // c)))
+        return sum(1 for a, b in spans if a < hi and b > lo)
 
     @property
     def tiles_touching_chunks(self) -> int:
@@ -84,8 +105,10 @@ class ScenePlan:
         return sum(len(t.tiles) for t in self.tasks())
 
 
-def plan_scene(height: int, width: int, *, tile: int, overlap: int, chunk: int, mode: str) -> ScenePlan:
-    """Plan a scene of ``height`` x ``width`` pixels."""
+def plan_scene(
+    height: int, width: int, *, tile: int, overlap: int, chunk: int, mode: str, refine: RefineOptions | None = None
+) -> ScenePlan:
+    """Plan a scene of ``height`` x ``width`` pixels; with ``refine``, each chunk stitches and refines its region."""
     if mode not in ("blend", "crop"):
         raise ValueError(f"unknown stitch mode {mode!r}; choose blend or crop")
-    return ScenePlan(height, width, ChunkGrid(height, width, chunk), TileLattice(height, width, tile, overlap), mode)
+    return ScenePlan(height, width, ChunkGrid(height, width, chunk), TileLattice(height, width, tile, overlap), mode, refine)

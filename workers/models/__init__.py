@@ -1,9 +1,12 @@
-"""Segmentation models in plain PyTorch (HRNetV2, DeepLabV3+, a per-pixel linear baseline), their registry and checkpoints.
+"""Segmentation models in plain PyTorch (HRNetV2, DeepLabV3+, DeepLabV3, PSPNet, FCN, SegNet, U-Net, U-Net++, LinkNet, a
+per-pixel linear baseline), their registry, checkpoints, exports and published weights.
 
 Importing this package registers every model family, so ``create_model`` knows them all.
 """
 
 from workers.models import baseline, deeplab, hrnet  # noqa: F401  (importing registers the models)
+from workers.models import fcn, segnet, unet  # noqa: F401  (FCN-32s/16s/8s, SegNet, U-Net, U-Net++)
+from workers.models import deeplabv3, linknet, pspnet  # noqa: F401  (DeepLabV3, LinkNet, PSPNet)
 from workers.models.checkpoint import (
     Checkpoint,
     build_from_checkpoint,

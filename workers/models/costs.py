@@ -2,7 +2,7 @@
 
 FLOPs come from torch's own counter (:class:`torch.utils.flop_counter.FlopCounterMode`) on
 a model built on the meta device: no weights are allocated and nothing is computed, so all
-seven models are measured in seconds. The counter counts convolutions and matrix products,
+registered models are measured in seconds. The counter counts convolutions and matrix products,
 a multiply-add as 2 FLOPs; normalisation, activations, pooling and resizing are not counted.
 """
 
@@ -40,7 +40,8 @@ def model_costs(name: str, in_channels: int = 3, num_classes: int = 19, tile: in
     """Count ``name``'s parameters and its FLOPs on one ``tile`` x ``tile`` input, scaled to a megapixel.
 
     Cached per process. Convolution FLOPs grow exactly with the pixel count; only
-    DeepLabV3+'s image-pooling branch costs the same per tile, a negligible share.
+    the global-pooling branches (DeepLabV3's and DeepLabV3+'s image pooling, PSPNet's
+    pyramid) cost the same per tile, a negligible share.
     """
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < TILE_MULTIPLE or tile % TILE_MULTIPLE:
         raise SpecError(f"tile must be a positive multiple of {TILE_MULTIPLE}, got {tile!r}")
