@@ -5,7 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Bottleneck"]
+__all__ = ["Bottleneck", "init_weights"]
+
+
+def init_weights(model: nn.Module, *, transposed: bool = False) -> None:
+    """Kaiming-normal convolutions (fan out) with zero biases, unit batch norms: satseg trains from scratch.
+
+    ``transposed`` initialises transposed convolutions the same way (the VGG families); otherwise they keep PyTorch's
+    default, as LinkNet's reference does.
+    """
+    kinds = (nn.Conv2d, nn.ConvTranspose2d) if transposed else (nn.Conv2d,)
+    for module in model.modules():
+        if isinstance(module, kinds):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class Bottleneck(nn.Module):

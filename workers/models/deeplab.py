@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import SpecError
-from workers.models.blocks import Bottleneck
+from workers.models.blocks import Bottleneck, init_weights
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = [
@@ -247,17 +247,6 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-
 def _create_deeplabv3plus(
     variant: str, in_channels: int, num_classes: int, width_multiplier: float, output_stride: int,
     stem: str = "standard", head: str = "standard",
@@ -284,7 +273,7 @@ def _create_deeplabv3plus(
         width(_SEPARABLE_CHANNELS if separable else _DECODER_CHANNELS), num_classes, separable,
     )
     model = DeepLabV3Plus(backbone, aspp, decoder, in_channels)
-    _init_weights(model)
+    init_weights(model)
     return model
 
 

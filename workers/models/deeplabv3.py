@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import SpecError
-from workers.models.deeplab import _CFGS, _OUTPUT_STRIDES, ASPP, ResNet, _conv_bn_relu, _init_weights
+from workers.models.deeplab import _CFGS, _OUTPUT_STRIDES, ASPP, ResNet, _conv_bn_relu
+from workers.models.blocks import init_weights
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = ["DeepLabV3", "atrous_setting", "deeplabv3_resnet50", "deeplabv3_resnet101"]
@@ -80,7 +81,7 @@ def _create_deeplabv3(
     )
     channels = width(_ASPP_CHANNELS)
     model = DeepLabV3(backbone, ASPP(backbone.out_channels, channels, rates, _ASPP_DROPOUT), channels, num_classes, in_channels)
-    _init_weights(model)
+    init_weights(model)
     return model
 
 

@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.models.blocks import init_weights
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = [
     "VGG16_STAGES",
     "FCN",
-    "init_weights",
     "vgg_stage",
     "fcn32s_vgg16",
     "fcn16s_vgg16",
@@ -72,18 +72,6 @@ def vgg_stage(in_channels: int, width: int, convs: int, batch_norm: bool = False
             layers.append(nn.BatchNorm2d(width))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convolutions (fan out) with zero biases, unit batch norms: satseg trains from scratch."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 def _resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -114,7 +102,7 @@ class FCN(nn.Module):
         self.score_fr = nn.Conv2d(fc_width, num_classes, 1)
         self.score_pool4 = nn.Conv2d(widths[3], num_classes, 1) if skips >= 1 else None
         self.score_pool3 = nn.Conv2d(widths[2], num_classes, 1) if skips >= 2 else None
-        init_weights(self)
+        init_weights(self, transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tile(x, self.in_channels)

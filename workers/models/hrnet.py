@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.blocks import Bottleneck
+from workers.models.blocks import Bottleneck, init_weights
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = [
@@ -253,7 +253,7 @@ class HighResolutionNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(last_channels, num_classes, 1),
         )
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tile(x, self.in_channels)
@@ -266,17 +266,6 @@ class HighResolutionNet(nn.Module):
         features = torch.cat([xs[0]] + [_resize(x, xs[0]) for x in xs[1:]], dim=1)
         logits = self.last_layer(features)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
-def _init_weights(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 def _create_hrnet(variant: str, in_channels: int, num_classes: int, width_multiplier: float) -> HighResolutionNet:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from workers.models.deeplab import _init_weights
+from workers.models.blocks import init_weights
 from workers.models.hrnet import BasicBlock
 from workers.models.registry import check_tile, register_model, scale_channels
 
@@ -115,7 +115,7 @@ class LinkNet(nn.Module):
         self.tp_conv1 = _bn_relu(nn.ConvTranspose2d(stem, final, 3, 2, padding=1, output_padding=1), final)
         self.conv2 = _bn_relu(nn.Conv2d(final, final, 3, padding=1), final)
         self.tp_conv2 = nn.ConvTranspose2d(final, num_classes, 2, 2)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tile(x, self.in_channels)

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import SpecError
-from workers.models.deeplab import _CFGS, ResNet, _conv_bn_relu, _init_weights
+from workers.models.deeplab import _CFGS, ResNet, _conv_bn_relu
+from workers.models.blocks import init_weights
 from workers.models.deeplabv3 import atrous_setting
 from workers.models.registry import check_tile, register_model, scale_channels
 
@@ -123,7 +124,7 @@ def _create_pspnet(
 
     backbone = ResNet(_CFGS[variant], in_channels, width(stem_width), [width(c) for c in _RESNET_WIDTHS], dilate, deep)
     model = PSPNet(backbone, width(_HEAD_CHANNELS), num_classes, in_channels)
-    _init_weights(model)
+    init_weights(model)
     return model
 
 

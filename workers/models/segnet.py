@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.fcn import VGG16_STAGES, init_weights, vgg_stage
+from workers.models.blocks import init_weights
+from workers.models.fcn import VGG16_STAGES, vgg_stage
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = ["SegNet", "max_unpool", "segnet_vgg16"]
@@ -73,7 +74,7 @@ class SegNet(nn.Module):
             for i in range(len(widths))
         )
         self.classifier = nn.Conv2d(widths[0], num_classes, 3, padding=1)
-        init_weights(self)
+        init_weights(self, transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tile(x, self.in_channels)

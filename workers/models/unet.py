@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from workers.models.fcn import init_weights
+from workers.models.blocks import init_weights
 from workers.models.registry import check_tile, register_model, scale_channels
 
 __all__ = ["UNet", "UNetPlusPlus", "unet", "unet_plusplus"]
@@ -81,7 +81,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(_up(widths[i + 1], widths[i]) for i in range(len(widths) - 1))
         self.decoder = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in range(len(widths) - 1))
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
-        init_weights(self)
+        init_weights(self, transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tile(x, self.in_channels)
@@ -112,7 +112,7 @@ class UNetPlusPlus(nn.Module):
                 self.nodes[f"x{i}_{j}"] = _double_conv((j + 1) * widths[i], widths[i], _DROPOUT)
         self.pool = nn.MaxPool2d(2, 2)
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
-        init_weights(self)
+        init_weights(self, transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tile(x, self.in_channels)
