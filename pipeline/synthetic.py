@@ -57,6 +57,15 @@ def _field(coarse: np.ndarray, rows: np.ndarray, cols: np.ndarray, cell: int) ->
     return (a * (1 - wc) + b * wc) * (1 - wr) + (c * (1 - wc) + d * wc) * wr
 
 
+def _profile(height: int, width: int, epsg: int, seed: int) -> dict:
+    """A generated scene's GeoTIFF profile: 10 m pixels in ``epsg``, its origin shifted by the seed, tiled 256."""
+    transform = from_origin(500000.0 + 10.0 * seed, 4_600_000.0, 10.0, 10.0)
+    return dict(
+        driver="GTiff", height=height, width=width, crs=CRS.from_epsg(epsg), transform=transform,
+        tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+    )
+
+
 def write_synthetic_scene(
     directory: Path,
     name: str,
@@ -79,13 +88,8 @@ def write_synthetic_scene(
     coarse = rng.normal(size=(k, gh, gw))
     coarse[0] -= 0.3  # a little less water
     light = rng.normal(scale=0.08, size=(1, gh // 4 + 2, gw // 4 + 2))
-    transform = from_origin(500000.0 + 10.0 * seed, 4_600_000.0, 10.0, 10.0)
-    profile = dict(
-        driver="GTiff", height=height, width=width, crs=CRS.from_epsg(epsg), transform=transform,
-        tiled=True, blockxsize=256, blockysize=256, compress="deflate",
-    )
-    image_path = directory / f"{name}.tif"
-    labels_path = directory / f"{name}_labels.tif"
+    profile = _profile(height, width, epsg, seed)
+    image_path, labels_path = directory / f"{name}.tif", directory / f"{name}_labels.tif"
     with rasterio.open(image_path, "w", count=4, dtype="uint16", nodata=0, **profile) as img, rasterio.open(
         labels_path, "w", count=1, dtype="uint8", nodata=255, **profile
     ) as lbl:
@@ -151,13 +155,8 @@ def write_thin_structure_scene(
     rivers = [(rng.uniform(0.2, 0.8) * height, rng.uniform(0.03, 0.08) * height, rng.uniform(0.3, 0.6) * width,
                rng.uniform(0, 2 * np.pi)) for _ in range(2)]
     light = rng.normal(scale=0.08, size=(1, height // 384 + 3, width // 384 + 3))
-    transform = from_origin(500000.0 + 10.0 * seed, 4_600_000.0, 10.0, 10.0)
-    profile = dict(
-        driver="GTiff", height=height, width=width, crs=CRS.from_epsg(epsg), transform=transform,
-        tiled=True, blockxsize=256, blockysize=256, compress="deflate",
-    )
-    image_path = directory / f"{name}.tif"
-    labels_path = directory / f"{name}_labels.tif"
+    profile = _profile(height, width, epsg, seed)
+    image_path, labels_path = directory / f"{name}.tif", directory / f"{name}_labels.tif"
 
     def lines(cuts: np.ndarray, kinds: np.ndarray, coords: np.ndarray, kind: int, width_px: int) -> np.ndarray:
         """Pixels (along ``coords``) within a ``width_px`` line on a cut of ``kind``."""
