@@ -30,16 +30,21 @@ OFF_LATTICE = [(80, 96), (96, 100), (32, 64)]
 # Runs in a fresh interpreter in which satseg cannot be imported: only torch and numpy, one thread. For each
 # export it writes the embedded metadata (read with torch's own loader) and the logits on
 # input.npy; for .pt2 programs also the logits on wide.npy and which off-lattice sizes were refused.
-_FOREIGN_SCRIPT = r"""
-import importlib.util, json, os, sys
-repo, root, *artifacts = sys.argv[1:]
+WITHOUT_SATSEG = r"""
 sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != repo]
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
 sys.path_importer_cache.clear()
 for package in ("workers", "schemas", "pipeline"):
     assert importlib.util.find_spec(package) is None, f"{package} is importable"
-import numpy as np
+"""
+"""Script lines that make satseg unimportable in a fresh interpreter (its checkout ``repo`` and editable install
+hidden), as on a machine that has only the export: needs ``importlib.util``, ``os`` and ``sys`` imported."""
+
+_FOREIGN_SCRIPT = r"""
+import importlib.util, json, os, sys
+repo, root, *artifacts = sys.argv[1:]
+""" + WITHOUT_SATSEG + r"""import numpy as np
 import torch
 torch.set_num_threads(1)
 x = torch.from_numpy(np.load(os.path.join(root, "input.npy")))

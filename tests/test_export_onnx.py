@@ -15,7 +15,7 @@ import torch
 import pipeline
 from pipeline.cli import main
 from tests.conftest import CLASSES
-from tests.test_export import _randomise_batch_norm
+from tests.test_export import WITHOUT_SATSEG, _randomise_batch_norm
 from workers.models import build_from_checkpoint, create_model, list_models, load_checkpoint, model_info, save_checkpoint
 from workers.models.export import read_export_metadata
 
@@ -43,13 +43,7 @@ SIZES = [(1, 96, 128), (3, 32, 160)]
 _CONSUMER_SCRIPT = r"""
 import importlib.util, json, os, sys
 repo, model_path, raw_path, out_path = sys.argv[1:]
-sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != repo]
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-sys.path_importer_cache.clear()
-for package in ("workers", "schemas", "pipeline"):
-    assert importlib.util.find_spec(package) is None, f"{package} is importable"
-sys.modules["torch"] = None  # any attempt to import torch fails
+""" + WITHOUT_SATSEG + r"""sys.modules["torch"] = None  # any attempt to import torch fails
 
 import numpy as np
 import onnxruntime as ort
