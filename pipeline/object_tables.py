@@ -1,10 +1,10 @@
-"""The object report tables: ``objects`` (GeoParquet, one row per object), ``object_metrics`` and ``object_misses``.
+"""The object report tables: ``objects`` and ``object_misses`` (GeoParquet, a polygon per row), ``object_metrics``.
 
 Columns are in ``schemas/reports.py``. The objects table is GeoParquet 1.1 with
 ``geometry`` in the scene's own CRS (PROJJSON in the file's ``geo`` metadata, so
 geopandas reads it with its CRS; ``crs`` is null for a scene without
-georeference, whose polygons are in pixel units). It is written in row groups
-while polygons are made, so no table of every polygon is ever held.
+georeference, whose polygons are in pixel units). Both are written in
+row groups while polygons are made, so no table of every polygon is ever held.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.objects import ObjectScores
-from schemas.reports import OBJECT_METRICS, OBJECT_MISSES, OBJECTS
+from schemas.reports import OBJECT_METRICS, OBJECTS
 from schemas.store import replacing
 
-__all__ = ["objects_geo_metadata", "ObjectsWriter", "open_objects_table", "object_metrics_table", "object_misses_table", "boxes"]
+__all__ = ["objects_geo_metadata", "ObjectsWriter", "open_objects_table", "object_metrics_table", "boxes"]
 
 _BOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -37,14 +37,15 @@ def _crs_json(crs) -> dict | None:
     return CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs).to_json_dict()
 
 
-def objects_geo_metadata(crs, connectivity: int) -> bytes:
-    """GeoParquet 1.1 ``geo`` metadata of an objects table: WKB in the scene CRS, exteriors counter-clockwise.
+def objects_geo_metadata(crs, multipart: bool) -> bytes:
+    """GeoParquet 1.1 ``geo`` metadata of an object table: WKB in the scene CRS, exteriors counter-clockwise.
 
-    4-connected objects are one Polygon each; 8-connected ones may be a MultiPolygon of parts touching at corners.
+    4-connected components are one Polygon each; with ``multipart`` a row may be a MultiPolygon: 8-connected parts
+    touching at corners, or an instance raster's id whose pixels of one class do not touch.
     """
     column = {
         "encoding": "WKB",
-        "geometry_types": ["Polygon"] if connectivity == 4 else ["MultiPolygon", "Polygon"],
+        "geometry_types": ["MultiPolygon", "Polygon"] if multipart else ["Polygon"],
         "orientation": "counterclockwise",
         "crs": _crs_json(crs),
         "covering": {"bbox": {k: ["bbox", k] for k in _BOX_FIELDS}},
@@ -66,7 +67,8 @@ def _nullable(values: np.ndarray | None, n: int, type_: pa.DataType, valid: np.n
 
 
 class ObjectsWriter:
-    """Rows of the objects table, appended in batches (numpy columns) and written as row groups."""
+    """Rows of a GeoParquet object table (``objects`` or ``object_misses``), appended in batches (numpy columns) and
+    written as row groups."""
 
     def __init__(self, writer: pq.ParquetWriter, scene: str, class_names: list[str]):
         self._writer = writer
@@ -75,35 +77,44 @@ class ObjectsWriter:
         self.rows = 0
 
     def append(self, columns: dict[str, np.ndarray | list | None]) -> None:
-        """One batch: ``object_id``, ``class_index``, ``pixels``, ``area``, ``perimeter``, ``mean_probability`` (or
-        None), ``first_row``, ``first_col``, ``row_off``, ``col_off``, ``height``, ``width``, ``chunks``, ``truth_id``,
-        ``iou`` and ``matched`` (None without labels; ``truth_id`` < 0 is no match), ``geometry`` (WKB) and ``bounds``."""
-        n = len(columns["object_id"])
+        """One batch: a column per field of the table's schema (``scene``, ``class_name`` and ``bbox`` are derived),
+        ``geometry`` as WKB and ``bounds`` (n, 4). Objects: ``truth_id``, ``iou``, ``matched`` and
+        ``mean_probability`` may be None (no labels, no probabilities); ``truth_id`` < 0 is no match."""
+        n = len(columns["geometry"])
         if not n:
             return
         cls = np.asarray(columns["class_index"], dtype=np.int64)
-        truth = columns.get("truth_id")
         arrays = {
             "scene": pa.array([self._scene] * n, pa.string()),
             "class_name": pa.array(self._names[cls], pa.string()),
-            "truth_id": _nullable(truth, n, pa.int64(), None if truth is None else np.asarray(truth) >= 0),
-            "iou": _nullable(columns.get("iou"), n, pa.float64()),
-            "matched": _nullable(columns.get("matched"), n, pa.bool_()),
-            "mean_probability": _nullable(columns.get("mean_probability"), n, pa.float64()),
             "geometry": pa.array(columns["geometry"], pa.binary()),
             "bbox": boxes(columns["bounds"]),
         }
-        for field in OBJECTS:
+        schema = self._writer.schema
+        if "matched" in schema.names:  # the objects table: match columns only with labels
+            truth = columns.get("truth_id")
+            arrays.update({
+                "truth_id": _nullable(truth, n, pa.int64(), None if truth is None else np.asarray(truth) >= 0),
+                "iou": _nullable(columns.get("iou"), n, pa.float64()),
+                "matched": _nullable(columns.get("matched"), n, pa.bool_()),
+                "mean_probability": _nullable(columns.get("mean_probability"), n, pa.float64()),
+            })
+        for field in schema:
             if field.name not in arrays:
                 arrays[field.name] = pa.array(np.asarray(columns[field.name]), type=field.type)
-        self._writer.write_table(pa.Table.from_arrays([arrays[f.name] for f in OBJECTS], schema=self._writer.schema))
+        self._writer.write_table(pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema))
         self.rows += n
 
 
 @contextmanager
-def open_objects_table(path: Path, scene: str, class_names: list[str], crs, connectivity: int) -> Iterator[ObjectsWriter]:
-    """An `ObjectsWriter` whose file appears whole, under ``path``, only when the block ends without an error."""
-    schema = OBJECTS.with_metadata({**OBJECTS.metadata, b"geo": objects_geo_metadata(crs, connectivity)})
+def open_objects_table(
+    path: Path, scene: str, class_names: list[str], crs, multipart: bool, schema: pa.Schema = OBJECTS,
+) -> Iterator[ObjectsWriter]:
+    """An `ObjectsWriter` whose file appears whole, under ``path``, only when the block ends without an error.
+
+    ``schema``: ``OBJECTS`` (the default) or ``OBJECT_MISSES``; both are GeoParquet in the scene's CRS.
+    """
+    schema = schema.with_metadata({**schema.metadata, b"geo": objects_geo_metadata(crs, multipart)})
     with replacing(path, "path") as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             yield ObjectsWriter(writer, scene, class_names)
@@ -143,20 +154,3 @@ def object_metrics_table(
             **{k: _num(s[k]) for k in ("pq", "sq", "rq", "precision", "recall", "f1")},
         })
     return pa.Table.from_pylist(rows, schema=OBJECT_METRICS)
-
-
-def object_misses_table(scene: str, class_names: list[str], columns: dict[str, np.ndarray]) -> pa.Table:
-    """True objects no prediction matched, largest first: ``truth_id``, ``class_index``, ``pixels``, ``iou``,
-    ``row_off``, ``col_off``, ``height``, ``width`` and ``bounds`` (n, 4) in the scene CRS."""
-    order = np.argsort(-np.asarray(columns["pixels"]), kind="stable")
-    n = len(order)
-    cls = np.asarray(columns["class_index"], dtype=np.int64)[order]
-    arrays = {
-        "scene": pa.array([scene] * n, pa.string()),
-        "class_name": pa.array(np.asarray(class_names, dtype=object)[cls] if n else [], pa.string()),
-        "bbox": boxes(np.asarray(columns["bounds"]).reshape(-1, 4)[order]),
-    }
-    for field in OBJECT_MISSES:
-        if field.name not in arrays:
-            arrays[field.name] = pa.array(np.asarray(columns[field.name])[order], type=field.type)
-    return pa.Table.from_arrays([arrays[f.name] for f in OBJECT_MISSES], schema=OBJECT_MISSES)

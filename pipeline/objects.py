@@ -2,31 +2,34 @@
 
 Three passes over the mask store's chunk grid, each one Dask task per chunk (on
 Ray through ``ray.util.dask`` when a job joined a cluster), none holding more
-than its chunk's pixels:
+than its chunk's pixels, and a driver that holds only what touches chunk
+borders (ARCHITECTURE.md, invariant 9):
 
 1. **Segments** (``_segments``): a chunk labels the connected components of its
-   thing classes (and of the labels', or reads an instance raster's segments)
-   and reports their class, first pixel, size and box, with the labels along its
-   edges. The core joins components across chunk edges by union-find and ranks
-   ids by first pixel (``pipeline/core/objects.py``), so ids do not depend on
-   the chunking.
-2. **Instances and counts** (``_instances``): a chunk writes its ids to the
-   store's ``instances`` array (one writer per chunk) and counts the pixels of
-   each (true segment, predicted segment) pair; Dask tree-reduces the counts,
-   exactly (integers), into the object metrics.
-3. **Polygons** (``_polygons``): a chunk traces its stored ids; an object inside
-   one chunk is finished there, one spanning chunks is united from its pieces
-   as soon as its last chunk is traced. Chunks go in row-major batches, so only
-   pieces of objects crossing the current batch are held, and rows stream to
-   Parquet.
-
-The driver holds per-object numbers (class, first pixel, size, box, match; under 1 KB an object at the
-peak, BENCHMARKS.md), never pixels: its memory follows the number of objects, not the scene's size.
+   thing classes (and of the labels', or lists an instance raster's keys). It
+   reports the components on its borders one by one, with the labels along its
+   edges, and the inner ones, which are whole objects already, as counts per
+   row. The core joins border components across chunk edges by union-find and
+   ranks ids by first pixel (``pipeline/core/objects.py``), so ids do not
+   depend on the chunking.
+2. **Instances and counts** (``_instances``): a chunk numbers its objects
+   (``local_ids``), writes them to the store's ``instances`` array (one writer
+   per chunk), and settles the matches between segments that lie inside it;
+   segments on its borders, stuff, and those facing them travel as pixel counts
+   that Dask tree-reduces, exactly (integers), and the driver settles
+   (``settle``).
+3. **Polygons** (``_polygons``): a chunk traces its stored ids and its missed
+   true objects; one inside the chunk is finished there, with its row (its
+   match settled by the chunk, or by the driver when it faced a border
+   segment); one spanning chunks is united from its pieces as soon as its last
+   chunk is traced. Chunks go in row-major batches, so only pieces of objects
+   crossing the current batch are held, and rows stream to Parquet.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +39,19 @@ import numpy as np
 
 from pipeline.core.geometry import Window
 from pipeline.core.metrics import class_indices, prediction_indices
-from pipeline.core.objects import CONNECTIVITIES, ObjectScores, SceneObjects, merge_components, merge_keyed, object_scores
+from pipeline.core.objects import (
+    CONNECTIVITIES, NO_MATCH, VOID, ChunkIds, Decisions, KeyedObjects, ObjectScores, SceneObjects, Segments, Tally,
+    chunk_tally, combine_tallies, local_ids, merge_components, merge_keyed, settle, stuff_keys,
+)
 from pipeline.counting import Raster, chunk_windows, dask_scheduler, geotiff_raster, mask_raster, probabilities_raster
-from pipeline.object_tables import object_metrics_table, object_misses_table, open_objects_table
+from pipeline.object_tables import object_metrics_table, open_objects_table
 from pipeline.report_tables import write_table
 from schemas.errors import MismatchError, SpecError
+from schemas.reports import OBJECT_MISSES
 from schemas.store import OutputLayout, is_zarr_node
 from workers.objects import (
-    KEY_CLASSES, chunk_segments, instance_segments, label_components, map_polygons, polygon_pieces, require_shapely, union_pieces,
+    KEY_CLASSES, chunk_segments, instance_segments, label_components, map_polygons, polygon_pieces, require_shapely,
+    segment_stats, union_pieces,
 )
 from workers.reader import SceneInfo, check_labels_match, grid_difference, open_scene
 
@@ -136,22 +144,83 @@ def _pred_classes(pred: Raster, window: Window, spec: ObjectSpec) -> np.ndarray:
     return prediction_indices(pred.read(window), spec.num_classes)
 
 
-def _truth_labels(labels: Raster, instances: Raster | None, window: Window, spec: ObjectSpec):
-    """The truth's class map and its local segments: components of its thing classes, or an instance raster's."""
-    truth = class_indices(
+def _truth_classes(labels: Raster, window: Window, spec: ObjectSpec) -> np.ndarray:
+    return class_indices(
         labels.read(window), spec.num_classes, ignore_index=spec.ignore_index,
         label_values=list(spec.label_values) if spec.label_values is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class _ChunkTruth:
+    """What a chunk task needs to key its true segments: the merge's ids (components) or nothing (an instance raster's
+    keys are its ids), and the true objects of the chunk that the scene settles (shared with another chunk)."""
+
+    ids: ChunkIds | None
+    open: np.ndarray
+
+    def ids_of(self, keys: np.ndarray) -> np.ndarray:
+        """The ids users see: the component's id, or the instance raster's own id."""
+        keys = np.asarray(keys, dtype=np.int64)
+        return keys // KEY_CLASSES if self.ids is None else keys
+
+
+@dataclass(frozen=True)
+class _TrueSegments:
+    """A chunk's true thing segments: local labels (1..n), and per label its key, class, first pixel and box."""
+
+    labels: np.ndarray
+    keys: np.ndarray
+    classes: np.ndarray
+    first: np.ndarray
+    bbox: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Truth:
+    """The scene's true objects after the merge: components (``SceneObjects``) or an instance raster's (``KeyedObjects``)."""
+
+    merged: SceneObjects | KeyedObjects
+
+    @property
+    def keyed(self) -> bool:
+        return isinstance(self.merged, KeyedObjects)
+
+    def chunk(self, k: int) -> _ChunkTruth:
+        if self.keyed:
+            return _ChunkTruth(None, self.merged.chunk_open[k])
+        ids = self.merged.chunk_ids[k]
+        return _ChunkTruth(ids, np.unique(ids.edge_ids))
+
+    def ids_of(self, keys: np.ndarray) -> np.ndarray:
+        """The ids users see: the component's id, or the instance raster's own id."""
+        keys = np.asarray(keys, dtype=np.int64)
+        return keys // KEY_CLASSES if self.keyed else keys
+
+    def chunks_of(self, keys: np.ndarray) -> np.ndarray:
+        """How many chunks hold each open true object's pixels."""
+        if self.keyed:
+            return self.merged.chunks[np.searchsorted(self.merged.shared, keys)]
+        return self.merged.chunks[self.merged.index(keys)]
+
+
+def _truth_segments(labels: Raster, instances: Raster | None, window: Window, spec: ObjectSpec, truth: _ChunkTruth,
+                    width: int) -> tuple[np.ndarray, _TrueSegments]:
+    """The truth's class map, and its thing segments in the chunk."""
+    classes = _truth_classes(labels, window, spec)
     if instances is not None:
-        lab, classes, keys = instance_segments(truth, instances.read(window), spec.things)
-        return truth, lab, classes, keys
-    lab, classes = label_components(truth, spec.things, spec.connectivity)
-    return truth, lab, classes, None
+        lab, label_classes, keys = instance_segments(classes, instances.read(window), spec.things)
+    else:
+        lab, label_classes = label_components(classes, spec.things, spec.connectivity)
+    first, _, _, bbox = segment_stats(window, lab, len(label_classes), width)
+    if instances is None:
+        keys = local_ids(truth.ids, first)[1:]
+    return classes, _TrueSegments(lab, np.asarray(keys, np.int64), np.asarray(label_classes, np.int64), first, bbox)
 
 
 def _segments(window: Window, pred: Raster, labels: Raster | None, instances: Raster | None, probabilities: Raster | None,
               spec: ObjectSpec, width: int):
-    """Pass 1 of a chunk: its predicted segments (and true ones, with labels), with their edges."""
+    """Pass 1 of a chunk: its predicted segments (and true ones, with labels) as the merge needs them."""
     p = _pred_classes(pred, window, spec)
     lab, classes = label_components(p, spec.things, spec.connectivity)
     values = None
@@ -161,66 +230,95 @@ def _segments(window: Window, pred: Raster, labels: Raster | None, instances: Ra
     predicted = chunk_segments(window, lab, classes, width, values)
     if labels is None:
         return predicted, None
-    _, tlab, tclasses, keys = _truth_labels(labels, instances, window, spec)
-    return predicted, chunk_segments(window, tlab, tclasses, width, keys=keys)
+    truth = _truth_classes(labels, window, spec)
+    if instances is not None:
+        return predicted, instance_segments(truth, instances.read(window), spec.things)[2]
+    tlab, tclasses = label_components(truth, spec.things, spec.connectivity)
+    return predicted, chunk_segments(window, tlab, tclasses, width)
+
+
+def _pred_ids(pred: Raster, window: Window, spec: ObjectSpec, ids: ChunkIds, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's predicted classes and object ids (int64, 0: no object)."""
+    p = _pred_classes(pred, window, spec)
+    lab, classes = label_components(p, spec.things, spec.connectivity)
+    first = segment_stats(window, lab, len(classes), width)[0]
+    return p, local_ids(ids, first)[lab]
+
+
+def _score(window: Window, p: np.ndarray, ids: np.ndarray, labels: Raster, instances: Raster | None, spec: ObjectSpec,
+           truth: _ChunkTruth, pred_open: np.ndarray, k: int, width: int):
+    """A chunk's object metrics (``chunk_tally``), and its true segments (labels, keys, first pixels, boxes).
+
+    Segment keys: predicted objects by id, true ones by component id or instance key, stuff by ``stuff_keys``.
+    """
+    classes, segs = _truth_segments(labels, instances, window, spec, truth, width)
+    tlab, tkeys, tfirst, tbbox = segs.labels, segs.keys, segs.first, segs.bbox
+    rank = spec.stuff_rank
+    every_stuff = stuff_keys(np.flatnonzero(rank >= 0), rank)
+    pk = np.where(ids > 0, ids, stuff_keys(np.maximum(p, 0), rank))  # a pixel of no object is of a stuff class
+    tk = np.full(classes.shape, VOID, dtype=np.int64)
+    thing = tlab > 0
+    tk[thing] = tkeys[tlab[thing] - 1]
+    stuff = classes >= 0
+    stuff[stuff] = rank[classes[stuff]] >= 0
+    tk[stuff] = stuff_keys(classes[stuff], rank)
+    tc = np.where(tk == VOID, -1, classes)
+    scored = p >= 0  # a pixel without prediction is counted nowhere (nodata, ARCHITECTURE.md invariant 5)
+    tk, pk, tc, pc = tk[scored], pk[scored], tc[scored], p[scored]
+    tu, ti = np.unique(tk, return_inverse=True)
+    pu, pi = np.unique(pk, return_inverse=True)
+    pair, count = np.unique(ti.ravel() * max(len(pu), 1) + pi.ravel(), return_counts=True)
+    t_cls, p_cls = np.zeros(len(tu), np.int16), np.zeros(len(pu), np.int16)
+    t_cls[ti.ravel()], p_cls[pi.ravel()] = tc, pc
+    tpair, ppair = pair // max(len(pu), 1), pair % max(len(pu), 1)
+    scoring = chunk_tally(
+        tu[tpair], pu[ppair], count, t_cls[tpair], p_cls[ppair], truth_open=np.concatenate([truth.open, every_stuff]),
+        pred_open=np.concatenate([pred_open, every_stuff]), things=spec.is_thing,
+        truth_things=(tkeys, segs.classes, tfirst, tbbox), chunk=k,
+    )
+    return scoring, segs
 
 
 def _instances(window: Window, pred: Raster, labels: Raster | None, instances: Raster | None, spec: ObjectSpec,
-               store: str, pred_lookup: np.ndarray, truth_lookup: np.ndarray | None, sizes: tuple[int, int]):
-    """Pass 2 of a chunk: write its object ids; count its (true segment, predicted segment) pixel pairs.
-
-    Segments: thing objects first (id - 1), then one per stuff class; true index ``St`` is void.
-    """
+               store: str, ids: ChunkIds, truth: _ChunkTruth | None, k: int, width: int) -> Tally | None:
+    """Pass 2 of a chunk: write its object ids; settle the matches it can and tally the rest."""
     from workers.mask_store import write_instances_chunk
 
-    p = _pred_classes(pred, window, spec)
-    lab, _ = label_components(p, spec.things, spec.connectivity)
-    ids = pred_lookup[lab]
-    write_instances_chunk(Path(store), window, ids)
+    p, object_ids = _pred_ids(pred, window, spec, ids, width)
+    write_instances_chunk(Path(store), window, object_ids.astype(np.uint32))
     if labels is None:
         return None
-    n_pred, n_truth = sizes
-    stuff = spec.stuff_rank
-    n_stuff = int((stuff >= 0).sum())
-    ps = ids.astype(np.int64) - 1
-    on_stuff = (p >= 0) & (ids == 0)
-    ps[on_stuff] = n_pred + stuff[p[on_stuff]]
-    truth, tlab, _, _ = _truth_labels(labels, instances, window, spec)
-    tids = truth_lookup[tlab]
-    ts = np.full(truth.shape, n_truth + n_stuff, dtype=np.int64)  # void
-    ts[tids > 0] = tids[tids > 0].astype(np.int64) - 1
-    t_stuff = truth >= 0
-    t_stuff[t_stuff] = stuff[truth[t_stuff]] >= 0
-    ts[t_stuff] = n_truth + stuff[truth[t_stuff]]
-    scored = ps >= 0  # a pixel without prediction is counted nowhere (nodata, ARCHITECTURE.md invariant 5)
-    keys, counts = np.unique(ts[scored] * (n_pred + n_stuff) + ps[scored], return_counts=True)
-    return keys, counts.astype(np.int64)
+    return _score(window, p, object_ids, labels, instances, spec, truth, ids.edge_ids, k, width)[0].tally
 
 
-def _add_pairs(*parts):
-    """Pair counts summed by key: the exact reduction of pass 2."""
-    parts = [p for p in parts if p is not None]
+def _tree_sum(parts: list):
+    """One Dask tree reduction of per-chunk tallies (``_SPLIT_EVERY`` at a time)."""
     if not parts:
         return None
-    keys = np.concatenate([k for k, _ in parts])
-    counts = np.concatenate([c for _, c in parts])
-    unique, inverse = np.unique(keys, return_inverse=True)
-    summed = np.zeros(len(unique), dtype=np.int64)
-    np.add.at(summed, inverse.ravel(), counts)
-    return unique, summed
+    while len(parts) > 1:
+        parts = [dask.delayed(combine_tallies, pure=True)(*parts[i : i + _SPLIT_EVERY])
+                 for i in range(0, len(parts), _SPLIT_EVERY)]
+    return parts[0]
 
 
-def _polygons(window: Window, store: str, transform: tuple, simplify: float | None, spanning: np.ndarray):
-    """Pass 3 of a chunk: finished polygons of the objects inside it; pixel-coordinate pieces (WKB) of the others."""
+@dataclass(frozen=True)
+class _ChunkPass3:
+    """What pass 3 of a chunk is given: its open objects, and the scene's decisions on its segments it did not settle."""
+
+    k: int
+    open_pred: np.ndarray  # merged objects with pixels here (their pieces go to the driver)
+    pred: Decisions  # settled by the scene: open objects here, and closed ones here that faced an open one
+    truth: Decisions
+    truth_info: _ChunkTruth | None
+
+
+def _traced(ids: np.ndarray, window: Window, open_ids: np.ndarray, transform: tuple, simplify: float | None):
+    """Polygons of a chunk's ids: finished ones of ids not in ``open_ids`` (ascending ids, map WKB, perimeters, boxes),
+    and pixel-coordinate pieces (ids, WKB) of the others."""
     import shapely
-    import zarr
 
-    from workers.mask_store import INSTANCES
-
-    arr = zarr.open_array(store, path=INSTANCES, mode="r")
-    ids = arr[window.row_off : window.row_stop, window.col_off : window.col_stop]
     piece_ids, geoms = polygon_pieces(ids, window)
-    part = np.isin(piece_ids, spanning)
+    part = np.isin(piece_ids, open_ids)
     order = np.argsort(piece_ids[~part], kind="stable")
     whole = geoms[~part][order]
     unique, starts, counts = np.unique(piece_ids[~part][order], return_index=True, return_counts=True)
@@ -231,13 +329,105 @@ def _polygons(window: Window, store: str, transform: tuple, simplify: float | No
     return unique, wkb, perimeter, bounds, piece_ids[part], list(shapely.to_wkb(geoms[part])) if part.any() else []
 
 
-def _tree_sum(parts: list):
-    """One Dask tree reduction of per-chunk pair counts (``_SPLIT_EVERY`` at a time)."""
-    if not parts:
-        return None
-    while len(parts) > 1:
-        parts = [dask.delayed(_add_pairs, pure=True)(*parts[i : i + _SPLIT_EVERY]) for i in range(0, len(parts), _SPLIT_EVERY)]
-    return parts[0]
+def _polygons(window: Window, store: str, transform: tuple, pred: Raster, labels: Raster | None,
+              instances: Raster | None, probabilities: Raster | None, spec: ObjectSpec, width: int, given: _ChunkPass3):
+    """Pass 3 of a chunk: rows and polygons of the objects (and missed true objects) inside it; pieces of the others.
+
+    Returns ``(objects columns, object pieces, misses columns, miss pieces)``; pieces are (ids or keys, WKB).
+    """
+    import zarr
+
+    from workers.mask_store import INSTANCES
+
+    ids = zarr.open_array(store, path=INSTANCES, mode="r")[
+        window.row_off : window.row_stop, window.col_off : window.col_stop].astype(np.int64)
+    p = _pred_classes(pred, window, spec)
+    done, wkb, perimeter, bounds, piece_ids, piece_wkb = _traced(ids, window, given.open_pred, transform, spec.simplify)
+    values = None
+    if probabilities is not None:
+        values = np.take_along_axis(probabilities.read(window, raw=True), np.maximum(p, 0)[None].astype(np.int64), axis=0)[0]
+    present, local = np.unique(ids, return_inverse=True)
+    local = local.reshape(ids.shape)
+    if len(present) and present[0] != 0:
+        local, present = local + 1, np.concatenate([[0], present])
+    first, pixels, value_sum, bbox = segment_stats(window, local.astype(np.int64), len(present) - 1, width, values)
+    at = np.searchsorted(present, done) - 1
+    cols = _object_columns(done, p.ravel()[_pixel_of(first[at], window, width)], pixels[at], first[at], bbox[at],
+                           np.ones(len(done), np.int64), value_sum[at] if values is not None else None, width,
+                           transform, wkb, perimeter, bounds)
+    if labels is None:
+        return cols, (piece_ids, piece_wkb), None, None
+    scoring, segs = _score(window, p, ids, labels, instances, spec, given.truth_info, given.open_pred, given.k, width)
+    mine, matched, best = scoring.pred.lookup(done)
+    _, theirs, their_best = given.pred.lookup(done)
+    cols.update(_match_columns(np.where(mine, matched, theirs), np.where(mine, best, their_best), given.truth_info))
+
+    # true objects no prediction matched: the chunk's own and those the scene settled
+    own = scoring.truth
+    scored = scoring.truth_area[np.searchsorted(scoring.truth_keys, own.keys)] > 0  # a segment only if scored
+    missed = np.union1d(own.keys[(own.keys > 0) & scored & (own.matched == NO_MATCH)],
+                        given.truth.keys[(given.truth.keys > 0) & (given.truth.matched == NO_MATCH)])
+    place = np.searchsorted(missed, segs.keys)  # a key may be several labels here (parts joined outside the chunk)
+    hit = place < len(missed)
+    hit[hit] = missed[place[hit]] == segs.keys[hit]
+    compact = np.zeros(len(segs.keys) + 1, np.int64)  # label -> 1 + its key's place in `missed`, 0 for the others
+    compact[1:][hit] = place[hit] + 1
+    open_truth = np.flatnonzero(np.isin(missed, given.truth_info.open)) + 1
+    t_done, t_wkb, _, t_bounds, t_piece, t_piece_wkb = _traced(compact[segs.labels], window, open_truth, transform,
+                                                               spec.simplify)
+    keys = missed[t_done - 1]
+    label_for = np.zeros(len(missed), np.int64)
+    label_for[place[hit]] = np.flatnonzero(hit)
+    lab = label_for[t_done - 1]  # a closed one is one label here
+    mine, _, best = own.lookup(keys)
+    _, _, their_best = given.truth.lookup(keys)
+    misses = _miss_columns(
+        given.truth_info, keys, segs.classes[lab], scoring.truth_area[np.searchsorted(scoring.truth_keys, keys)],
+        np.where(mine, best, their_best), segs.first[lab], segs.bbox[lab], width, t_wkb, t_bounds,
+    )
+    return cols, (piece_ids, piece_wkb), misses, (missed[t_piece - 1], t_piece_wkb)
+
+
+def _pixel_of(first: np.ndarray, window: Window, width: int) -> np.ndarray:
+    """Flat indices in a chunk of scene linear indices inside it."""
+    return (first // width - window.row_off) * window.width + first % width - window.col_off
+
+
+def _box_columns(first: np.ndarray, bbox: np.ndarray, width: int) -> dict:
+    bbox = np.asarray(bbox, dtype=np.int64).reshape(-1, 4)
+    return {
+        "first_row": first // width, "first_col": first % width, "row_off": bbox[:, 0], "col_off": bbox[:, 1],
+        "height": bbox[:, 2] - bbox[:, 0] + 1, "width": bbox[:, 3] - bbox[:, 1] + 1,
+    }
+
+
+def _object_columns(ids, classes, pixels, first, bbox, chunks, value_sum, width: int, transform: tuple, wkb: list,
+                    perimeter: np.ndarray, bounds: np.ndarray) -> dict:
+    """Rows of the objects table (``ObjectsWriter.append``), without the match columns."""
+    a, b, _, d, e, _ = (float(v) for v in tuple(transform)[:6])
+    pixels = np.asarray(pixels, dtype=np.int64)
+    return {
+        "object_id": np.asarray(ids, dtype=np.int64), "class_index": classes, "pixels": pixels,
+        "area": pixels * abs(a * e - b * d), "perimeter": perimeter, "chunks": chunks, "geometry": wkb, "bounds": bounds,
+        "mean_probability": value_sum / (pixels * 255.0) if value_sum is not None else None,
+        **_box_columns(np.asarray(first, dtype=np.int64), bbox, width),
+    }
+
+
+def _match_columns(matched: np.ndarray, best: np.ndarray, truth: _ChunkTruth | _Truth) -> dict:
+    """The objects table's match columns from the matched true keys (``NO_MATCH``: none) and best IoUs."""
+    matched = np.asarray(matched, dtype=np.int64)
+    hit = matched != NO_MATCH
+    return {"truth_id": np.where(hit, truth.ids_of(np.maximum(matched, 0)), -1), "iou": best, "matched": hit}
+
+
+def _miss_columns(truth: _ChunkTruth | _Truth, keys, classes, pixels, best, first, bbox, width: int, wkb: list,
+                  bounds: np.ndarray) -> dict:
+    """Rows of the object_misses table."""
+    return {
+        "truth_id": truth.ids_of(keys), "class_index": classes, "pixels": pixels, "iou": best, "geometry": wkb,
+        "bounds": bounds, **_box_columns(np.asarray(first, dtype=np.int64), bbox, width),
+    }
 
 
 @dataclass
@@ -250,50 +440,12 @@ class ObjectsResult:
     scores: ObjectScores | None
     chunks: int
     seconds: dict = field(default_factory=dict)  # segments, merge, instances, polygons
+    merged: int = 0  # objects with pixels on a chunk border, the only ones the driver held one by one
 
     @property
     def polygons_per_second(self) -> float:
         s = self.seconds.get("polygons", 0.0)
         return self.objects / s if s > 0 else float("nan")
-
-
-def _map_boxes(bbox: np.ndarray, transform: tuple) -> np.ndarray:
-    """(n, 4) pixel boxes (first row, first col, last row, last col) as xmin, ymin, xmax, ymax in the scene CRS."""
-    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
-    r0, c0, r1, c1 = (bbox[:, i].astype(np.float64) for i in range(4))
-    corners = [(c0, r0), (c1 + 1, r0), (c0, r1 + 1), (c1 + 1, r1 + 1)]
-    xs = np.stack([a * x + b * y + c for x, y in corners])
-    ys = np.stack([d * x + e * y + f for x, y in corners])
-    return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1) if len(bbox) else np.zeros((0, 4))
-
-
-class _Rows:
-    """Rows of the objects table for given ids, from the merged objects and the matches."""
-
-    def __init__(self, objects: SceneObjects, width: int, transform: tuple, probabilities: bool, scores: ObjectScores | None,
-                 truth_ids: np.ndarray | None):
-        self.o, self.width = objects, width
-        a, b, _, d, e, _ = (float(v) for v in tuple(transform)[:6])
-        self.pixel_area = abs(a * e - b * d)
-        self.probabilities = probabilities
-        self.scores, self.truth_ids = scores, truth_ids
-
-    def columns(self, ids: np.ndarray, wkb: list, perimeter: np.ndarray, bounds: np.ndarray) -> dict:
-        o, k = self.o, np.asarray(ids, dtype=np.int64) - 1
-        box = o.bbox[k]
-        cols = {
-            "object_id": k + 1, "class_index": o.classes[k], "pixels": o.pixels[k], "area": o.pixels[k] * self.pixel_area,
-            "perimeter": perimeter, "first_row": o.first[k] // self.width, "first_col": o.first[k] % self.width,
-            "row_off": box[:, 0], "col_off": box[:, 1], "height": box[:, 2] - box[:, 0] + 1,
-            "width": box[:, 3] - box[:, 1] + 1, "chunks": o.chunks[k], "geometry": wkb, "bounds": bounds,
-            "mean_probability": o.value_sum[k] / (o.pixels[k] * 255.0) if self.probabilities else None,
-        }
-        if self.scores is not None:
-            match = self.scores.pred_match[k]
-            cols["truth_id"] = np.where(match >= 0, self.truth_ids[np.maximum(match, 0)], -1)
-            cols["iou"] = self.scores.pred_iou[k]
-            cols["matched"] = match >= 0
-        return cols
 
 
 def scene_objects(
@@ -305,7 +457,8 @@ def scene_objects(
     Writes ``instances`` into the store and the ``objects`` table (and, with
     ``labels``, ``object_metrics`` and ``object_misses``) under ``layout``'s reports.
     ``instances``: a raster of true object ids beside ``labels`` (else the labels'
-    components are the true objects). ``batch``: chunks traced at once (default a row of chunks, 4 to 32).
+    components are the true objects). ``batch``: chunks traced at once (default twice the tasks that run at once, 4
+    to 32): a batch's rows are the driver's only per-object load.
     """
     from workers.mask_store import MASK, PROBABILITIES, create_instances_array, mark_instances_complete
 
@@ -320,25 +473,22 @@ def scene_objects(
     grid = (len(sizes[0]), len(sizes[1]))
     pred = mask_raster(store)
     probs = probabilities_raster(store) if is_zarr_node(Path(store) / PROBABILITIES) else None
-    truth = geotiff_raster(labels, (height, width), mask.chunks[0]) if labels else None
-    truth_ids = geotiff_raster(instances, (height, width), mask.chunks[0]) if (labels and instances) else None
+    truth_r = geotiff_raster(labels, (height, width), mask.chunks[0]) if labels else None
+    ids_r = geotiff_raster(instances, (height, width), mask.chunks[0]) if (labels and instances) else None
 
     task = dask.delayed(_segments, pure=True)
-    found = dask.compute(*[task(w, pred, truth, truth_ids, probs, spec, width) for w in windows])
+    found = dask.compute(*[task(w, pred, truth_r, ids_r, probs, spec, width) for w in windows])
     seconds["segments"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     objects = merge_components([f[0] for f in found], grid, spec.connectivity)
-    true = None
-    if truth is not None:
+    truth = None
+    if truth_r is not None:
         true_chunks = [f[1] for f in found]
-        true = merge_keyed(true_chunks) if truth_ids is not None else merge_components(true_chunks, grid, spec.connectivity)
+        truth = _Truth(merge_keyed(true_chunks) if ids_r is not None else
+                       merge_components(true_chunks, grid, spec.connectivity))
         del true_chunks
-    del found  # the chunks' segments: the objects hold what is needed of them now
-    spanning = []
-    for lookup in objects.lookups:
-        here = lookup[1:].astype(np.int64)
-        spanning.append(np.unique(here[objects.chunks[here - 1] > 1]) if len(here) else here)
+    del found  # the chunks' border segments: the merge holds what is needed of them now
     seconds["merge"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -346,81 +496,152 @@ def scene_objects(
         "description": "object ids of the thing classes' connected components", "id_rule": ID_RULE,
         "connectivity": spec.connectivity, "things": [spec.class_names[i] for i in spec.things],
     })
-    things_found = (len(objects), len(true) if true is not None else 0)
     task = dask.delayed(_instances, pure=False)  # it writes its chunk
     parts = [
-        task(w, pred, truth, truth_ids, spec, str(store), objects.lookups[k], true.lookups[k] if true is not None else None,
-             things_found)
+        task(w, pred, truth_r, ids_r, spec, str(store), objects.chunk_ids[k], truth.chunk(k) if truth else None, k, width)
         for k, w in enumerate(windows)
     ]
-    (pairs,) = dask.compute(_tree_sum(parts))
+    (tally,) = dask.compute(_tree_sum(parts))
     mark_instances_complete(store, len(objects))
-    scores, true_object_ids = None, None
-    if true is not None:
-        n_stuff = int((spec.stuff_rank >= 0).sum())
-        stuff_classes = np.flatnonzero(~spec.is_thing)
-        sp = len(objects) + n_stuff  # predicted segments: objects, then one per stuff class
-        keys, counts = pairs if pairs is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        scores = object_scores(
-            keys // sp, keys % sp, counts, np.concatenate([true.classes, stuff_classes]),
-            np.concatenate([objects.classes, stuff_classes]), spec.is_thing,
-        )
-        true_object_ids = true.keys // KEY_CLASSES if true.keys is not None else np.arange(1, len(true) + 1)
+    scores = None
+    settled = (Segments.empty(), Segments.empty())
+    if truth is not None:
+        scores, *settled = settle(tally, spec.is_thing)
+    del tally
     seconds["instances"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    rows = _Rows(objects, width, transform, probs is not None, scores, true_object_ids)
-    _write_polygons(layout.report_file("objects", job_id, scene), scene, spec, store, transform, crs, windows, spanning,
-                    objects, rows, batch or min(32, max(4, grid[1])))
+    _write_polygons(layout, job_id, scene, spec, store, transform, crs, windows, objects, truth, settled,
+                    (pred, truth_r, ids_r, probs), batch or min(32, max(4, 2 * _parallel_tasks())))
     seconds["polygons"] = time.perf_counter() - t3
     if scores is not None:
         write_table(
             object_metrics_table(scene, list(spec.class_names), scores, spec.connectivity,
-                                 "instances" if truth_ids is not None else "components"),
+                                 "instances" if ids_r is not None else "components"),
             layout.report_file("object_metrics", job_id, scene),
         )
-        thing_truth = np.arange(len(true))
-        missed = thing_truth[(scores.truth_area[: len(true)] > 0) & (scores.truth_match[: len(true)] < 0)]
-        box = true.bbox[missed]
-        write_table(object_misses_table(scene, list(spec.class_names), {
-            "truth_id": true_object_ids[missed], "class_index": true.classes[missed],
-            "pixels": scores.truth_area[missed], "iou": scores.truth_iou[missed], "row_off": box[:, 0], "col_off": box[:, 1],
-            "height": box[:, 2] - box[:, 0] + 1, "width": box[:, 3] - box[:, 1] + 1, "bounds": _map_boxes(box, transform),
-        }), layout.report_file("object_misses", job_id, scene))
     seconds["total"] = time.perf_counter() - t0
-    return ObjectsResult(scene, len(objects), len(true) if true is not None else None, scores, len(windows), seconds)
+    return ObjectsResult(scene, len(objects), len(truth.merged) if truth is not None else None, scores, len(windows),
+                         seconds, len(objects.ids))
 
 
-def _write_polygons(path: Path, scene: str, spec: ObjectSpec, store: Path, transform: tuple, crs, windows: list[Window],
-                    spanning: list[np.ndarray], objects: SceneObjects, rows: _Rows, batch: int) -> None:
-    """Pass 3: trace chunks in row-major batches; stream finished objects to the objects table as row groups."""
-    import shapely
+def _parallel_tasks() -> int:
+    """How many chunk tasks run at once under the current Dask scheduler: the Ray cluster's CPUs, else Dask's threads."""
+    scheduler = dask.config.get("scheduler", None)
+    if getattr(scheduler, "__module__", "").startswith("ray."):  # ray_dask_get (pipeline.counting.dask_scheduler)
+        import ray
 
-    task = dask.delayed(_polygons, pure=True)
-    pieces: dict[int, list] = {}
-    left: dict[int, int] = {}
+        return int(ray.cluster_resources().get("CPU", 1))
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def _by_chunk(segments: Segments, chunks: int) -> list[np.ndarray]:
+    """Positions of the segments settled by the scene that lie inside one chunk, for each chunk."""
+    inside = np.flatnonzero(segments.chunk >= 0)
+    order = inside[np.argsort(segments.chunk[inside], kind="stable")]
+    return np.split(order, np.searchsorted(segments.chunk[order], np.arange(1, chunks)))
+
+
+def _given(segments: Segments, inside: np.ndarray, open_keys: np.ndarray) -> Decisions:
+    """The scene's decisions on a chunk's segments: those inside it, and its open ones the scene settled."""
+    found, _, _ = segments.decisions().lookup(open_keys)
+    at = np.searchsorted(segments.keys, np.asarray(open_keys, dtype=np.int64)[found])
+    return segments.decisions().take(np.union1d(inside, at).astype(np.int64))
+
+
+class _Pieces:
+    """Pieces of objects that span chunks, held until the last of their chunks is traced, then united."""
+
+    def __init__(self, chunks_of):
+        self._chunks_of, self._pieces, self._left = chunks_of, {}, {}
+
+    def add(self, ids: np.ndarray, wkb: list) -> tuple[np.ndarray, list]:
+        """One chunk's pieces; returns the objects now whole (ids ascending) and their pixel-coordinate geometries."""
+        import shapely
+
+        for i, g in zip(ids.tolist(), shapely.from_wkb(wkb) if wkb else []):
+            self._pieces.setdefault(i, []).append(g)
+        here = np.unique(ids)
+        if len(here):
+            left = self._chunks_of(here)
+            for i, n in zip(here.tolist(), left.tolist()):
+                self._left[i] = self._left.get(i, int(n)) - 1
+        done = sorted(i for i in here.tolist() if self._left[i] == 0)
+        for i in done:
+            del self._left[i]
+        return np.asarray(done, dtype=np.int64), [union_pieces(self._pieces.pop(i)) for i in done]
+
+    def check(self, scene: str, what: str) -> None:
+        if self._pieces:
+            raise RuntimeError(f"{scene}: {what} {sorted(self._pieces)[:3]} were not traced in all their chunks")
+
+
+def _write_polygons(layout: OutputLayout, job_id: str, scene: str, spec: ObjectSpec, store: Path, transform: tuple, crs,
+                    windows: list[Window], objects: SceneObjects, truth: _Truth | None, settled: tuple, rasters: tuple,
+                    batch: int) -> None:
+    """Pass 3: trace chunks in row-major batches; stream finished objects (and misses) to their tables as row groups."""
+    from contextlib import ExitStack
+
+    pred, truth_r, ids_r, probs = rasters
+    settled_pred, settled_truth = settled
+    settled_truth = settled_truth.take(np.flatnonzero(settled_truth.area > 0))  # open ones no prediction covers: none
     transform = tuple(float(v) for v in tuple(transform)[:6])
-    with open_objects_table(path, scene, list(spec.class_names), crs, spec.connectivity) as table:
+    width = windows[-1].col_stop if windows else 0
+    task = dask.delayed(_polygons, pure=True)
+    pred_inside, truth_inside = _by_chunk(settled_pred, len(windows)), _by_chunk(settled_truth, len(windows))
+    object_pieces = _Pieces(lambda ids: objects.chunks[objects.index(ids)])
+    miss_pieces = _Pieces(truth.chunks_of if truth is not None else None)
+    names = list(spec.class_names)
+
+    def given(k: int) -> _ChunkPass3:
+        open_pred = np.unique(objects.chunk_ids[k].edge_ids)
+        if truth is None:
+            return _ChunkPass3(k, open_pred, Decisions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)),
+                               Decisions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)), None)
+        info = truth.chunk(k)
+        return _ChunkPass3(k, open_pred, _given(settled_pred, pred_inside[k], open_pred),
+                           _given(settled_truth, truth_inside[k], info.open), info)
+
+    with ExitStack() as stack:
+        eight = spec.connectivity == 8
+        table = stack.enter_context(open_objects_table(layout.report_file("objects", job_id, scene), scene, names, crs,
+                                                       eight))
+        misses = None
+        if truth is not None:
+            misses = stack.enter_context(open_objects_table(layout.report_file("object_misses", job_id, scene), scene,
+                                                            names, crs, eight or truth.keyed, schema=OBJECT_MISSES))
         for start in range(0, len(windows), batch):
             ks = range(start, min(start + batch, len(windows)))
-            results = dask.compute(*[task(windows[k], str(store), transform, spec.simplify, spanning[k]) for k in ks])
-            done_ids, done_geoms = [], []
-            for ids, wkb, perimeter, bounds, part_ids, part_wkb in results:
-                table.append(rows.columns(ids, wkb, perimeter, bounds))
-                for i, g in zip(part_ids.tolist(), shapely.from_wkb(part_wkb) if part_wkb else []):
-                    pieces.setdefault(i, []).append(g)
-                for i in np.unique(part_ids).tolist():
-                    left[i] = left.get(i, int(objects.chunks[i - 1])) - 1
-                    if left[i] == 0:
-                        del left[i]
-                        done_ids.append(i)
-                        done_geoms.append(union_pieces(pieces.pop(i)))
-            if done_ids:
-                order = np.argsort(done_ids)
-                wkb, perimeter, bounds = map_polygons([done_geoms[j] for j in order], transform, spec.simplify)
-                table.append(rows.columns(np.asarray(done_ids)[order], wkb, perimeter, bounds))
-        if pieces:
-            raise RuntimeError(f"{scene}: objects {sorted(pieces)[:3]} were not traced in all their chunks")
+            results = dask.compute(*[
+                task(windows[k], str(store), transform, pred, truth_r, ids_r, probs, spec, width, given(k)) for k in ks
+            ])
+            for cols, (piece_ids, piece_wkb), miss_cols, miss_parts in results:
+                table.append(cols)
+                done, geoms = object_pieces.add(piece_ids, piece_wkb)
+                if len(done):
+                    at = objects.index(done)
+                    wkb, perimeter, bounds = map_polygons(geoms, transform, spec.simplify)
+                    cols = _object_columns(
+                        done, objects.classes[at], objects.pixels[at], objects.first[at], objects.bbox[at],
+                        objects.chunks[at], objects.value_sum[at] if probs is not None else None, width, transform, wkb,
+                        perimeter, bounds,
+                    )
+                    if truth is not None:
+                        _, matched, best = settled_pred.decisions().lookup(done)
+                        cols.update(_match_columns(matched, best, truth))
+                    table.append(cols)
+                if misses is None:
+                    continue
+                misses.append(miss_cols)
+                done, geoms = miss_pieces.add(*miss_parts)
+                if len(done):
+                    at = np.searchsorted(settled_truth.keys, done)
+                    wkb, _, bounds = map_polygons(geoms, transform, spec.simplify)
+                    misses.append(_miss_columns(truth, done, settled_truth.classes[at], settled_truth.area[at],
+                                                settled_truth.best[at], settled_truth.first[at], settled_truth.bbox[at],
+                                                width, wkb, bounds))
+        object_pieces.check(scene, "objects")
+        miss_pieces.check(scene, "missed true objects")
 
 
 def job_scene_objects(

@@ -91,7 +91,7 @@ def spatial_available() -> bool:
         return _load_spatial(con)
 
 
-SCENE_CRS_TABLES = ("objects",)
+SCENE_CRS_TABLES = ("objects", "object_misses")
 """Tables whose geometry is in each scene's own CRS (GeoParquet ``crs`` per file), not one CRS for all rows."""
 
 
@@ -105,16 +105,17 @@ def _scene_crs_source(files: list[str]) -> str:
     for path in files:
         try:
             geo = json.loads((pq.read_schema(path).metadata or {}).get(b"geo", b"{}"))
-            crs = json.dumps(geo.get("columns", {}).get("geometry", {}).get("crs"), sort_keys=True)
-        except (OSError, ValueError):  # unreadable: read_parquet says so in one line
+            crs = json.dumps(geo["columns"]["geometry"].get("crs"), sort_keys=True) if geo else None
+        except (OSError, ValueError, KeyError):  # unreadable: read_parquet says so in one line
             crs = ""
         groups.setdefault(crs, []).append(path)
     read = "read_parquet([{}], hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
     if len(groups) <= 1:
         return "SELECT * FROM " + read.format(", ".join(_sql_text(f) for f in files))
     return " UNION ALL BY NAME ".join(
-        "SELECT * REPLACE (geometry::GEOMETRY AS geometry) FROM " + read.format(", ".join(_sql_text(f) for f in group))
-        for group in groups.values()
+        ("SELECT * FROM " if crs is None else "SELECT * REPLACE (geometry::GEOMETRY AS geometry) FROM ")  # None: no
+        + read.format(", ".join(_sql_text(f) for f in group))  # geometry (misses of schema 4 and before)
+        for crs, group in groups.items()
     )
 
 

@@ -1,9 +1,9 @@
 """The HTML report's Objects section of a scene: object metrics per class, and the largest misses and false alarms
-drawn on the mask.
+outlined on the mask.
 
 Read from the object tables (``pipeline/object_tables.py``) and the mask store's
 overview levels only: a scene of a million objects reads a few columns of its
-objects table and a decimated mask, never the objects' polygons or the scene.
+tables, the polygons of the few it draws, and a decimated mask, never the scene.
 """
 
 from __future__ import annotations
@@ -49,16 +49,22 @@ def _rows(path: Path, columns: list[str] | None = None, filters=None) -> list[di
     return pq.read_table(path, columns=columns, filters=filters).to_pylist() if path.exists() else []
 
 
-def _largest(path: Path, columns: list[str], filters) -> list[dict]:
-    """The ``LARGEST`` rows by pixels of a table, reading only ``columns``."""
+def _largest(path: Path, key: str, columns: list[str], filters) -> list[dict]:
+    """The ``LARGEST`` rows by pixels of a table, reading only ``columns``, then the polygons of those rows alone."""
     if not path.exists():
         return []
-    table = pq.read_table(path, columns=columns, filters=filters)
+    table = pq.read_table(path, columns=[key, *columns], filters=filters)
     if not table.num_rows:
         return []
     pixels = table.column("pixels").to_numpy()
-    top = np.argsort(-pixels, kind="stable")[:LARGEST]
-    return table.take(top).to_pylist()
+    top = table.take(np.argsort(-pixels, kind="stable")[:LARGEST]).to_pylist()
+    if "geometry" in pq.read_schema(path).names:  # tables of schema 4 and before hold no polygon for misses
+        wanted = [r[key] for r in top]
+        shapes = pq.read_table(path, columns=[key, "geometry"], filters=[(key, "in", wanted)]).to_pylist()
+        geometry = {r[key]: r["geometry"] for r in shapes}
+        for r in top:
+            r["geometry"] = geometry.get(r[key])
+    return top
 
 
 def _draw_box(rgb: np.ndarray, box: tuple[float, float, float, float], colour: tuple[int, int, int], width: int = 2) -> None:
@@ -74,11 +80,38 @@ def _draw_box(rgb: np.ndarray, box: tuple[float, float, float, float], colour: t
     rgb[r0 : r1 + 1, max(c0, c1 - width + 1) : c1 + 1] = colour
 
 
+OUTLINE_MIN = 4
+"""Objects under this many display pixels across are boxed (an outline that small would not show); others outlined."""
+
+
+def _outline(rgb: np.ndarray, wkb: bytes, to_display, colour: tuple[int, int, int]) -> bool:
+    """Draw a polygon's rings (map coordinates, WKB) on ``rgb``; False when it is too small to outline."""
+    import shapely
+    from PIL import Image, ImageDraw
+
+    geom = shapely.from_wkb(wkb)
+    rings = [ring for part in getattr(geom, "geoms", [geom]) for ring in (part.exterior, *part.interiors)]
+    drawn = [to_display(np.asarray(ring.coords)) for ring in rings]
+    ys, xs = np.concatenate([d[:, 0] for d in drawn]), np.concatenate([d[:, 1] for d in drawn])
+    if ys.max() - ys.min() < OUTLINE_MIN and xs.max() - xs.min() < OUTLINE_MIN:
+        return False
+    image = Image.fromarray(rgb)
+    pen = ImageDraw.Draw(image)
+    for d in drawn:
+        pen.line([(float(x), float(y)) for y, x in d], fill=colour, width=2)
+    rgb[:] = np.asarray(image)
+    return True
+
+
 def _map(
     store: Path, class_names: list[str], shape: tuple[int, int], marks: list[tuple[dict, tuple[int, int, int]]],
 ) -> bytes | None:
-    """The mask (decimated, from its overview levels) in its class colours, with each mark's box drawn on it."""
+    """The mask (decimated, from its overview levels) in its class colours, each mark outlined on it (boxed when tiny,
+    or when its table holds no polygon)."""
+    import rasterio
     import zarr
+
+    from workers.mask_store import open_mask_store
 
     from pipeline.overviews import level_for_size, read_overview_levels
     from pipeline.palette import mask_colours
@@ -96,7 +129,15 @@ def _map(
     rgb[~has] = 255
     rgb = (0.55 * rgb + 0.45 * 255).astype(np.uint8)  # faded, so the boxes stand out
     sy, sx = out[0] / h, out[1] / w
+    a, b, c, d, e, f = tuple(~rasterio.Affine(*open_mask_store(store, then="rerun satseg objects").transform))[:6]
+
+    def to_display(xy: np.ndarray) -> np.ndarray:  # map coordinates -> display (row, column), on pixel edges
+        cols, rows = a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f
+        return np.stack([rows * sy - 0.5, cols * sx - 0.5], axis=1)
+
     for row, colour in marks:
+        if row.get("geometry") is not None and _outline(rgb, row["geometry"], to_display, colour):
+            continue
         r0, c0 = row["row_off"] * sy, row["col_off"] * sx
         _draw_box(rgb, (r0, c0, (row["row_off"] + row["height"]) * sy - 1, (row["col_off"] + row["width"]) * sx - 1), colour)
     return png(rgb)
@@ -138,8 +179,8 @@ def objects_section(
         ]
         parts.append("</p>" + _table(headers, table_rows))
         box = ["class_name", "pixels", "iou", "row_off", "col_off", "height", "width"]
-        alarms = _largest(objects_file, ["object_id", *box], [("matched", "=", False)])
-        misses = _largest(layout.report_file("object_misses", job_id, scene), ["truth_id", *box], None)
+        alarms = _largest(objects_file, "object_id", box, [("matched", "=", False)])
+        misses = _largest(layout.report_file("object_misses", job_id, scene), "truth_id", box, None)
         marks = [(r, FALSE_ALARM_COLOUR) for r in alarms] + [(r, MISS_COLOUR) for r in misses]
         for title, rows, key in (("Largest false alarms", alarms, "object_id"), ("Largest misses", misses, "truth_id")):
             if rows:
@@ -158,7 +199,7 @@ def objects_section(
             f'{_swatch(MISS_COLOUR, f"largest {LARGEST} misses")}</div>' if marks else ""
         )
         parts.append(f'<figure><img alt="{_esc(scene)} objects" src="{uri}"><figcaption>the mask, with the largest '
-                     f"misses and false alarms boxed</figcaption></figure>{legend}")
+                     f"misses and false alarms outlined (boxed when too small to outline)</figcaption></figure>{legend}")
     body = "".join(parts)
     return f'<section class="panel" id="{_esc(slug)}-objects" data-section="objects"><h3>Objects</h3>{body}</section>'
 

@@ -27,7 +27,8 @@ __all__ = [
     "TABLE_SCHEMAS",
 ]
 
-SCHEMA_VERSION = 4  # 3: scenes.nodata_collisions, scenes.boundary_convention; 4: footprints in lon/lat, native beside
+SCHEMA_VERSION = 5  # 3: scenes.nodata_collisions, scenes.boundary_convention; 4: footprints in lon/lat, native beside;
+# 5: object_misses.geometry (GeoParquet), first_row, first_col
 """Version 4 moved ``tiles.geometry`` from the scene CRS to lon/lat; files of versions 1-3 keep the scene CRS there."""
 
 _f64 = pa.float64()
@@ -240,20 +241,24 @@ OBJECT_METRICS = pa.schema(
     metadata={"satseg_table": "object_metrics", "satseg_schema_version": str(SCHEMA_VERSION)},
 )
 
-# True objects no prediction matches, one row each, for finding and drawing them (no polygon: their box).
+# True objects no prediction matches, one row each, GeoParquet like `objects`: each one's pixel-exact polygon, to find and
+# draw them.
 OBJECT_MISSES = pa.schema(
     [
         ("scene", pa.string()),
-        ("truth_id", _i64),
+        ("truth_id", _i64),  # the labels' component id (ranked like object ids), or the instance raster's id
         ("class_index", pa.int32()),
         ("class_name", pa.string()),
         ("pixels", _i64),  # scored pixels (where the mask has data)
         ("iou", _f64),  # best IoU with a prediction of its class
+        ("first_row", _i64),
+        ("first_col", _i64),
         ("row_off", _i64),
         ("col_off", _i64),
         ("height", _i64),
         ("width", _i64),
-        ("bbox", _BBOX),  # scene CRS
+        ("geometry", pa.binary()),
+        ("bbox", _BBOX),  # of the geometry, scene CRS
     ],
     metadata={"satseg_table": "object_misses", "satseg_schema_version": str(SCHEMA_VERSION)},
 )

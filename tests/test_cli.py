@@ -109,6 +109,56 @@ def test_checkpoint_with_other_bands_or_classes(capsys, tmp_path, odd_scene, thr
     assert not (tmp_path / "o").exists()
 
 
+def test_run_object_flags_set_the_job_and_its_id(tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    from pipeline.cli import objects as objects_cli
+    from pipeline.cli import run as run_cli
+    from pipeline.run import job_id_of
+
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    image = ["--image", "a.tif", "--model", "hrnet_w18_small_v1", "--classes", "road,building,pond"]
+    flags = ["--things", " building, ,pond", "--connectivity", "8", "--simplify", "2.5"]
+    spec = run_cli.spec_from_args(parser.parse_args(image + flags))
+    assert (spec.things, spec.connectivity, spec.simplify) == (["building", "pond"], 8, 2.5)
+    assert spec.things == objects_cli.thing_names(" building, ,pond")  # one comma rule for `run` and `objects`
+    plain = run_cli.spec_from_args(parser.parse_args(image))
+    assert (plain.things, plain.connectivity, plain.simplify) == (None, 4, None)
+    assert not {"things", "connectivity", "simplify"} & set(plain.identity())  # LATER_FIELDS at their old values
+    model = SimpleNamespace(checkpoint_sha256=None, init_sha256=None)
+    ids = {job_id_of(run_cli.spec_from_args(parser.parse_args(image + extra)), model, "cpu") for extra in (
+        [], flags[:2], flags[2:4], flags[4:], ["--connectivity", "4"],
+    )}
+    assert len(ids) == 4  # each object flag is another job; the default connectivity is the same job as none
+    job = tmp_path / "job.yaml"  # flags override a job file's fields
+    job.write_text("scenes: [{image: a.tif}]\nmodel: hrnet_w18_small_v1\nclasses: [road, building, pond]\nthings: [road]\n")
+    spec = run_cli.spec_from_args(parser.parse_args([str(job), "--things", "pond", "--simplify", "1"]))
+    assert (spec.things, spec.connectivity, spec.simplify) == (["pond"], 4, 1.0)
+    assert run_cli.spec_from_args(parser.parse_args([str(job), "--connectivity", "8"])).things == ["road"]
+
+
+def test_run_object_flags_refuse_unknown_things_and_connectivity(capsys, tmp_path, three_band_checkpoint):
+    out = str(tmp_path / "o")
+    code, _, err = run_cli(capsys, "run", "--image", "a.tif", "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--things", "b,nope", "--out", out)
+    assert_one_line_error(code, err, "things", "'nope'")
+    job = tmp_path / "job.yaml"
+    job.write_text("scenes: [{image: a.tif}]\nmodel: hrnet_w18_small_v1\nclasses: [a, b]\n")
+    code, _, err = run_cli(capsys, "run", str(job), "--things", "nope", "--out", out)
+    assert_one_line_error(code, err, "job.yaml", "things", "'nope'")
+    # the class names only in the checkpoint: refused before the image is opened or anything written
+    code, _, err = run_cli(capsys, "run", "--image", "a.tif", "--checkpoint", str(three_band_checkpoint), "--things", "nope", "--out", out)
+    assert_one_line_error(code, err, "things", "'nope'", "a, b")
+    code, _, err = run_cli(capsys, "run", "--image", "a.tif", "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--simplify", "-1", "--out", out)
+    assert_one_line_error(code, err, "simplify")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--image", "a.tif", "--model", "hrnet_w18_small_v1", "--classes", "a,b", "--connectivity", "5"])
+    assert exc.value.code == 2
+    assert "--connectivity: invalid choice: 5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "text,fragment",
     [

@@ -20,12 +20,12 @@ from rasterio.crs import CRS
 from scipy import ndimage
 
 from pipeline.core.geometry import ChunkGrid
-from pipeline.core.objects import merge_components, merge_keyed, object_scores, union_find
+from pipeline.core.objects import local_ids, merge_components, merge_keyed, object_scores, union_find
 from pipeline.objects import object_spec, scene_objects
 from schemas.errors import SpecError
 from schemas.store import OutputLayout
 from tests.mask_stores import TRANSFORM, write_store
-from workers.objects import chunk_segments, instance_segments, label_components
+from workers.objects import chunk_segments, instance_segments, label_components, segment_stats
 
 NAMES = ["ground", "building", "pond", "road"]  # building and pond are things; ground and road stuff
 THINGS = [1, 2]
@@ -62,12 +62,13 @@ def chunked_objects(classes: np.ndarray, things: list[int], connectivity: int, c
     for r, c in grid:
         win = grid.window(r, c)
         lab, cls = label_components(classes[win.row_off : win.row_stop, win.col_off : win.col_stop], things, connectivity)
-        labels.append((win, lab))
+        labels.append((win, lab, len(cls)))
         parts.append(chunk_segments(win, lab, cls, w))
     objects = merge_components(parts, grid.shape, connectivity)
     out = np.zeros((h, w), np.int64)
-    for (win, lab), lookup in zip(labels, objects.lookups):
-        out[win.row_off : win.row_stop, win.col_off : win.col_stop] = lookup[lab]
+    for (win, lab, n), ids in zip(labels, objects.chunk_ids):
+        first = segment_stats(win, lab, n, w)[0]
+        out[win.row_off : win.row_stop, win.col_off : win.col_stop] = local_ids(ids, first)[lab]
     return out, objects
 
 
@@ -186,13 +187,18 @@ def test_merged_components_equal_whole_scene_labelling(connectivity):
             ids, objects = chunked_objects(m, THINGS, connectivity, chunk)
             np.testing.assert_array_equal(ids, ref, err_msg=f"chunk {chunk}")
             assert len(objects) == ref.max()
-            np.testing.assert_array_equal(objects.pixels, np.bincount(ref.ravel())[1:])
-            counted = [len({(r // chunk, c // chunk) for r, c in zip(*np.nonzero(ref == i))}) for i in range(1, ref.max() + 1)]
-            np.testing.assert_array_equal(objects.chunks, counted)
-            for i in (1, ref.max()):
+            # the driver holds exactly the objects with a pixel on a chunk border, with their whole-scene numbers
+            on_border = np.zeros(m.shape, bool)
+            on_border[::chunk], on_border[chunk - 1 :: chunk], on_border[-1] = True, True, True
+            on_border[:, ::chunk], on_border[:, chunk - 1 :: chunk], on_border[:, -1] = True, True, True
+            np.testing.assert_array_equal(objects.ids, np.unique(ref[on_border & (ref > 0)]))
+            np.testing.assert_array_equal(objects.pixels, np.bincount(ref.ravel())[objects.ids])
+            for k, i in enumerate(objects.ids):
                 rows, cols = np.nonzero(ref == i)
-                assert tuple(objects.bbox[i - 1]) == (rows.min(), cols.min(), rows.max(), cols.max())
-                assert objects.first[i - 1] == rows[0] * m.shape[1] + cols[0]
+                assert objects.chunks[k] == len({(r // chunk, c // chunk) for r, c in zip(rows, cols)})
+                assert tuple(objects.bbox[k]) == (rows.min(), cols.min(), rows.max(), cols.max())
+                assert objects.first[k] == rows[0] * m.shape[1] + cols[0]
+                assert objects.classes[k] == m[rows[0], cols[0]]
 
 
 def test_corners_join_only_when_8_connected():
@@ -224,14 +230,20 @@ def test_instance_segments_merge_by_key_whatever_the_chunks():
         for r, c in grid:
             win = grid.window(r, c)
             block = (slice(win.row_off, win.row_stop), slice(win.col_off, win.col_stop))
-            lab, cls, keys = instance_segments(classes[block], ids[block], THINGS)
-            parts.append(chunk_segments(win, lab, cls, 26, keys=keys))
+            parts.append(instance_segments(classes[block], ids[block], THINGS)[2])
         objects = merge_keyed(parts)
         pairs = {(int(v), int(c)) for v, c in zip(ids.ravel(), classes.ravel()) if v > 0 and c in THINGS}
         assert len(objects) == len(pairs)
-        got = {(int(k) // 256, int(k) % 256) for k in objects.keys}
-        assert got == pairs
-        assert objects.pixels.sum() == sum(((ids == v) & (classes == c)).sum() for v, c in pairs)
+        # a key is open (settled by the scene) exactly when two chunks hold it, and counted in each
+        holders = {}
+        for k, keys in enumerate(parts):
+            for key in keys.tolist():
+                holders.setdefault(key, set()).add(k)
+        shared = sorted(key for key, ks in holders.items() if len(ks) > 1)
+        np.testing.assert_array_equal(objects.shared, shared)
+        np.testing.assert_array_equal(objects.chunks, [len(holders[key]) for key in shared])
+        for k, keys in enumerate(parts):
+            np.testing.assert_array_equal(objects.chunk_open[k], sorted(set(keys.tolist()) & set(shared)))
 
 
 # ---------- object metrics ----------
@@ -242,9 +254,9 @@ def _metrics_rows(layout: OutputLayout, scene: str = "s") -> dict:
     return {r["class_index"] if r["level"] == "class" else r["level"]: r for r in rows}
 
 
-def _labels_tif(path, values: np.ndarray, nodata: int = 255):
+def _labels_tif(path, values: np.ndarray, nodata: int = 255, epsg: int = EPSG):
     h, w = values.shape
-    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=1, dtype="uint8", crs=CRS.from_epsg(EPSG),
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=1, dtype="uint8", crs=CRS.from_epsg(epsg),
                        transform=rasterio.Affine(*TRANSFORM), nodata=nodata) as f:
         f.write(values.astype(np.uint8), 1)
     return path
@@ -304,6 +316,80 @@ def test_object_metrics_equal_the_coco_reference_for_any_chunking(tmp_path, conn
         seen.append([(r["true_positives"], r["false_positives"], r["false_negatives"]) for r in rows.values()])
         assert result.scores.true_positives.sum() > 0 and result.scores.false_positives.sum() > 0
     assert seen[0] == seen[1] == seen[2]
+
+
+def ref_matches(pred_ids: np.ndarray, truth_ids: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> tuple[dict, dict]:
+    """Per predicted and per true thing object: (matched partner id or -1, best IoU with one of its class), from the
+    definitions on whole arrays (COCO's union: |P| + |G| - |P & G| - |P & void|; pixels without prediction count
+    nowhere; ``truth`` -1 is void)."""
+    scored = pred >= 0
+    out_p, out_t = {}, {}
+    void = scored & (truth < 0)
+    for t in np.unique(truth_ids[truth_ids > 0]):
+        out_t[int(t)] = (-1, 0.0)
+    for p in np.unique(pred_ids[pred_ids > 0]):
+        where = pred_ids == p
+        cls = pred[where][0]
+        area_p, void_p = int((where & scored).sum()), int((where & void).sum())
+        best, match = 0.0, -1
+        for t in np.unique(truth_ids[where & scored & (truth_ids > 0)]):
+            tw = (truth_ids == t) & scored
+            if truth[tw][0] != cls:
+                continue
+            inter = int((where & tw).sum())
+            iou = inter / (area_p + int(tw.sum()) - inter - void_p)
+            best = max(best, iou)
+            out_t[int(t)] = (out_t[int(t)][0], max(out_t[int(t)][1], iou))
+            if iou > 0.5:
+                match = int(t)
+                out_t[int(t)] = (int(p), out_t[int(t)][1])
+        out_p[int(p)] = (match, best)
+    return out_p, out_t
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_each_object_match_and_each_miss_with_its_outline_equal_the_whole_scene(tmp_path, connectivity):
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    pred, truth = _pair_scene(13)
+    mask = pred.astype(np.uint8)
+    mask[:3, :6] = 255  # nodata: counted nowhere
+    labels = truth.astype(np.uint8)
+    labels[30:34, 2:20] = 255  # void
+    tif = _labels_tif(tmp_path / "labels.tif", labels)
+    p = np.where(mask >= len(NAMES), -1, mask.astype(np.int64))
+    t = np.where(labels >= len(NAMES), -1, labels.astype(np.int64))
+    pred_ids, truth_ids = ref_objects(p, THINGS, connectivity), ref_objects(t, THINGS, connectivity)
+    want_p, want_t = ref_matches(pred_ids, truth_ids, p, t)
+    scored = p >= 0
+    missed = sorted(k for k, (m, _) in want_t.items() if m < 0 and ((truth_ids == k) & scored).any())
+    assert 5 < len(missed) and any(m >= 0 for m, _ in want_p.values())
+    seen = []
+    for chunk in (6, 11, 50):
+        _, layout, result = _run(tmp_path, f"m{chunk}-{connectivity}", mask, chunk, labels=str(tif),
+                                 connectivity=connectivity)
+        objects = gpd.read_parquet(layout.report_file("objects", "j", "s")).sort_values("object_id")
+        got = {r.object_id: (r.truth_id if r.matched else -1, r.iou) for r in objects.itertuples()}
+        assert got.keys() == want_p.keys()
+        for k, (m, iou) in want_p.items():
+            assert got[k][0] == m and got[k][1] == pytest.approx(iou, abs=1e-12), (chunk, k)
+        misses = gpd.read_parquet(layout.report_file("object_misses", "j", "s")).sort_values("truth_id")
+        assert misses.crs.to_epsg() == EPSG and misses.geometry.is_valid.all()
+        assert list(misses.truth_id) == missed, chunk
+        for r in misses.itertuples():
+            rows, cols = np.nonzero(truth_ids == r.truth_id)
+            assert r.pixels == int(((truth_ids == r.truth_id) & scored).sum())
+            assert r.iou == pytest.approx(want_t[r.truth_id][1], abs=1e-12)
+            assert (r.first_row, r.first_col) == (rows[0], cols[0])
+            assert (r.row_off, r.col_off, r.height, r.width) == (
+                rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+        burnt = rasterize(zip(misses.geometry, misses.truth_id), out_shape=mask.shape,
+                          transform=rasterio.Affine(*TRANSFORM), dtype="uint32")
+        np.testing.assert_array_equal(burnt, np.where(np.isin(truth_ids, missed), truth_ids, 0))  # outlines, pixel-exact
+        assert result.merged < result.objects  # the driver held only the objects on chunk borders
+        seen.append(misses.drop(columns=["geometry"]).reset_index(drop=True))
+    assert seen[0].equals(seen[1]) and seen[0].equals(seen[2])
 
 
 def test_object_metrics_against_an_instance_raster(tmp_path):
@@ -425,6 +511,21 @@ def test_satseg_objects_on_a_finished_job_folder_and_query(tmp_path, capsys):
     assert objects_section(OutputLayout(out), "jobid", "other", None, pred.shape, NAMES, "o") == ""
 
 
+def test_the_report_outlines_large_misses_and_false_alarms_and_boxes_tiny_ones():
+    import shapely
+
+    from pipeline.report_objects import _outline
+
+    rgb = np.full((60, 60, 3), 255, np.uint8)
+    square = shapely.to_wkb(shapely.box(10, 10, 30, 40).difference(shapely.box(15, 15, 20, 20)))
+    assert _outline(rgb, square, lambda xy: xy[:, ::-1] - 0.5, (255, 0, 0))  # x, y are columns, rows here
+    red = (rgb == (255, 0, 0)).all(axis=2)
+    assert red[10:41, 9:11].any() and red[10:41, 29:31].any() and red[14:21, 14:16].any()  # shell and hole
+    assert not red[25:35, 20:26].any() and not red[50:].any()  # not filled, nothing outside
+    tiny = shapely.to_wkb(shapely.box(5, 5, 7, 7))
+    assert not _outline(rgb, tiny, lambda xy: xy[:, ::-1], (0, 0, 255))  # too small to outline: the caller boxes it
+
+
 def test_satseg_objects_scores_against_an_instance_raster(tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.job_folder import claim_output
@@ -445,6 +546,36 @@ def test_satseg_objects_scores_against_an_instance_raster(tmp_path, capsys):
     assert {r["truth_segments"] for r in rows if r["class_name"] == "building"} == {2}
 
 
+def test_satseg_objects_takes_a_scenes_instances_from_its_job(tmp_path, capsys):
+    """A job whose scene names `instances` (true object ids): `satseg objects OUT` scores against them, no flag needed."""
+    import geopandas as gpd
+
+    from pipeline.cli import main
+    from pipeline.job_folder import claim_output
+
+    out = tmp_path / "job"
+    pred, truth = _pair_scene(2)
+    ids = np.where(np.arange(truth.shape[1]) < 20, 3, 4)[None].repeat(truth.shape[0], 0)
+    tif, inst = _labels_tif(tmp_path / "labels.tif", truth), _labels_tif(tmp_path / "ids.tif", ids, nodata=0)
+    spec = {"scenes": [{"image": str(tmp_path / "img.tif"), "labels": str(tif), "instances": str(inst), "name": "s"}],
+            "model": "pixel_linear", "classes": NAMES, "things": ["building", "pond"], "out": str(out)}
+    claim_output(OutputLayout(out), "jobid", spec)
+    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    assert main(["objects", str(out)]) == 0, capsys.readouterr().err
+    rows = pq.read_table(OutputLayout(out).report_file("object_metrics", "jobid", "s")).to_pylist()
+    assert {r["truth"] for r in rows} == {"instances"}
+    ref = coco_pq(pred.astype(np.int64), truth.astype(np.int64), THINGS, 4, len(NAMES), truth_ids=ids)
+    by_class = {r["class_index"]: r for r in rows if r["level"] == "class"}
+    for c in ref:
+        assert (by_class[c]["true_positives"], by_class[c]["false_positives"], by_class[c]["false_negatives"]) == (
+            ref[c]["tp"], ref[c]["fp"], ref[c]["fn"])
+    misses = gpd.read_parquet(OutputLayout(out).report_file("object_misses", "jobid", "s"))
+    assert set(misses.truth_id) == {3, 4} and misses.geometry.is_valid.all()  # the raster's own ids
+    assert (misses.geom_type == "MultiPolygon").any()  # an id's pixels of one class need not touch, and the file says so
+    geo = json.loads(pq.read_schema(OutputLayout(out).report_file("object_misses", "jobid", "s")).metadata[b"geo"])
+    assert "MultiPolygon" in geo["columns"]["geometry"]["geometry_types"]
+
+
 @pytest.mark.parametrize("folder", ["out", "out [1]"])  # `[1]` is a pattern to DuckDB's and Python's globs
 def test_query_reads_objects_of_scenes_in_different_crss(tmp_path, folder):
     from pipeline.query import run_query
@@ -452,13 +583,19 @@ def test_query_reads_objects_of_scenes_in_different_crss(tmp_path, folder):
     m = corner_scene().astype(np.uint8)
     layout = OutputLayout(tmp_path / folder)
     spec = object_spec(NAMES, [NAMES[i] for i in THINGS])
+    truth = np.roll(m, 3, axis=1)  # some true objects missed, in both scenes
     for scene, epsg in (("north", 32633), ("east", 32634)):
         store = write_store(tmp_path / f"{scene}.zarr", m, 8, NAMES)
-        scene_objects(layout, "j", scene, store, spec, transform=TRANSFORM, crs=CRS.from_epsg(epsg).to_wkt())
-    result = run_query(layout.reports, "SELECT scene, count(*) AS n, min(ST_AsText(geometry)) LIKE 'POLYGON%' AS poly "
-                                       "FROM objects GROUP BY scene ORDER BY scene")
+        labels = _labels_tif(tmp_path / f"{scene}.tif", truth, epsg=epsg)
+        scene_objects(layout, "j", scene, store, spec, transform=TRANSFORM, crs=CRS.from_epsg(epsg).to_wkt(),
+                      labels=str(labels))
     n = int(ref_objects(m.astype(np.int16), THINGS, 4).max())
-    assert result.rows == [("east", n, True), ("north", n, True)]
+    for table in ("objects", "object_misses"):  # both GeoParquet in their scene's CRS
+        result = run_query(layout.reports, "SELECT scene, count(*) > 0 AS n, min(ST_AsText(geometry)) LIKE 'POLYGON%' "
+                                           f"AS poly FROM {table} GROUP BY scene ORDER BY scene")
+        assert result.rows == [("east", True, True), ("north", True, True)], table
+    result = run_query(layout.reports, "SELECT count(*) FROM objects")
+    assert result.rows == [(2 * n,)]
 
 
 # ---------- inputs: grids, folders, versions ----------

@@ -11,7 +11,9 @@ their union (GEOS) is exact too; only then do they go to map units.
 from __future__ import annotations
 
 import warnings
+from array import array
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -24,6 +26,8 @@ __all__ = [
     "KEY_CLASSES",
     "require_shapely",
     "label_components",
+    "segment_stats",
+    "border_labels",
     "chunk_segments",
     "instance_segments",
     "polygon_pieces",
@@ -32,6 +36,11 @@ __all__ = [
 ]
 
 OBJECTS_EXTRA = "pip install 'satseg[objects]'"
+
+# rasterio's polygonize sometimes warns, from Dask's threads, that its in-memory rasters have no georeference (they
+# need none: pixel coordinates are meant). Muted for that module and warning only, once at import: a
+# warnings.catch_warnings block around each call would race between threads.
+warnings.filterwarnings("ignore", message="Dataset has no geotransform", module=r"rasterio\.features")
 
 
 def require_shapely():
@@ -73,15 +82,13 @@ def label_components(classes: np.ndarray, things: Sequence[int], connectivity: i
     return labels, np.concatenate(label_classes) if label_classes else np.zeros(0, np.int16)
 
 
-def chunk_segments(
-    window: Window, labels: np.ndarray, label_classes: np.ndarray, scene_width: int, values: np.ndarray | None = None,
-    keys: np.ndarray | None = None,
-) -> ChunkSegments:
-    """What merging needs of a chunk's labels: each label's class, first pixel, pixels, value sum, box and the edges.
+def segment_stats(window: Window, labels: np.ndarray, n: int, scene_width: int, values: np.ndarray | None = None):
+    """Each local label's (1..n) first pixel (the scene's linear index), pixels, value sum and box in scene coordinates.
 
     ``values`` (per pixel, integers) are summed per label, e.g. the stored probability of the pixel's class.
+    Returns ``first``, ``pixels``, ``value_sum`` (int64, n each) and ``bbox`` (n, 4: first row, first column, last
+    row, last column, inclusive).
     """
-    n = len(label_classes)
     flat = labels.ravel()
     w = labels.shape[1]
     at = np.flatnonzero(flat)
@@ -94,14 +101,40 @@ def chunk_segments(
     if values is not None and n:
         value_sum = np.add.reduceat(values.ravel()[pos].astype(np.int64), starts)
     rows, cols = pos // w, pos % w
-    first = (rows[starts] + window.row_off) * scene_width + cols[starts] + window.col_off
+    first = ((rows[starts] + window.row_off) * scene_width + cols[starts] + window.col_off).astype(np.int64)
     bbox = np.zeros((n, 4), dtype=np.int64)
     if n:
         bbox[:, 0], bbox[:, 2] = rows[starts], rows[ends]  # row-major: the first pixel is on the top row, the last on the bottom
         bbox[:, 1], bbox[:, 3] = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
     bbox += [window.row_off, window.col_off, window.row_off, window.col_off]
+    return first, pixels, value_sum, bbox
+
+
+def border_labels(labels: np.ndarray) -> np.ndarray:
+    """The local labels (ascending, int64) of segments with a pixel on the chunk's border: they may go on next door."""
+    ring = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]).astype(np.int64)
+    return np.unique(ring[ring > 0])
+
+
+def chunk_segments(
+    window: Window, labels: np.ndarray, label_classes: np.ndarray, scene_width: int, values: np.ndarray | None = None,
+) -> ChunkSegments:
+    """What merging needs of a chunk's labels: its border segments one by one, its inner ones counted per row."""
+    n = len(label_classes)
+    first, pixels, value_sum, bbox = segment_stats(window, labels, n, scene_width, values)
+    edge = border_labels(labels)
+    inner = np.ones(n, dtype=bool)
+    inner[edge - 1] = False
+    inner_first = np.sort(first[inner])
+    edge_first = first[edge - 1]
+    row_start = (edge_first // scene_width) * scene_width
+    before = np.searchsorted(inner_first, edge_first) - np.searchsorted(inner_first, row_start)
+    inner_rows = np.bincount(inner_first // scene_width - window.row_off, minlength=labels.shape[0]).astype(np.int32)
     edges = (labels[0].copy(), labels[-1].copy(), labels[:, 0].copy(), labels[:, -1].copy())
-    return ChunkSegments(window, label_classes, first.astype(np.int64), pixels, value_sum, bbox, edges, keys)
+    return ChunkSegments(
+        window, edge, np.asarray(label_classes, np.int16)[edge - 1], edge_first, pixels[edge - 1], value_sum[edge - 1],
+        bbox[edge - 1], before.astype(np.int64), inner_rows, edges,
+    )
 
 
 KEY_CLASSES = 256
@@ -131,30 +164,31 @@ def polygon_pieces(ids: np.ndarray, window: Window) -> tuple[np.ndarray, np.ndar
     Returns the piece ids (int64) and the shapely polygons (an object array); ids of 0 are no object.
     """
     from rasterio import Affine
-    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.features import shapes
 
     shapely = require_shapely()
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) > np.iinfo(np.int32).max:
         raise ValueError("more than 2^31 - 1 objects in a scene: polygons cannot be traced")
-    found: list[int] = []
+    found = array("q")
     where = ids > 0
     if not where.any():
         return np.zeros(0, np.int64), np.zeros(0, dtype=object)
-    transform = Affine(1, 0, window.col_off, 0, 1, window.row_off)
-    points, ring_sizes, ring_owner = [], [], []
-    with warnings.catch_warnings():  # the chunk at the origin has an identity transform: pixel coordinates, as meant
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        for k, (geom, value) in enumerate(shapes(ids.astype(np.int32), mask=where, connectivity=4, transform=transform)):
-            for ring in geom["coordinates"]:  # the shell first, then the holes
-                points.extend(ring)
-                ring_sizes.append(len(ring))
-                ring_owner.append(k)
-            found.append(int(value))
+    # traced at twice pixel size and halved after, exactly (integers): the chunk at the origin would have the identity
+    # transform, which rasterio warns about; muting that with warnings.catch_warnings is not safe in Dask's threads
+    transform = Affine(2, 0, 2 * window.col_off, 0, 2, 2 * window.row_off)
+    points = array("d")  # x, y, x, y, ...: 16 bytes a vertex, where a list of tuples would hold about 100
+    ring_sizes, ring_owner = array("q"), array("q")
+    for k, (geom, value) in enumerate(shapes(ids.astype(np.int32), mask=where, connectivity=4, transform=transform)):
+        for ring in geom["coordinates"]:  # the shell first, then the holes
+            points.extend(chain.from_iterable(ring))
+            ring_sizes.append(len(ring))
+            ring_owner.append(k)
+        found.append(int(value))
     # built at once (shapely's vectorised constructors): a polygon object each would cost more than tracing them
-    rings = shapely.linearrings(np.asarray(points, dtype=np.float64), indices=np.repeat(np.arange(len(ring_sizes)), ring_sizes))
-    return np.asarray(found, dtype=np.int64), shapely.polygons(rings, indices=np.asarray(ring_owner))
+    xy = np.frombuffer(points, dtype=np.float64).reshape(-1, 2) / 2
+    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(ring_sizes)), np.frombuffer(ring_sizes, np.int64)))
+    return np.frombuffer(found, np.int64).copy(), shapely.polygons(rings, indices=np.frombuffer(ring_owner, np.int64))
 
 
 def union_pieces(pieces: list):

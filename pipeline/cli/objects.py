@@ -10,6 +10,14 @@ HELP = (
 )
 
 
+def thing_names(text: str | None) -> list[str] | None:
+    """``--things building,pond`` as class names (blanks dropped); None when the flag is not given.
+
+    `satseg run` uses it too, so both commands read the flag by one rule.
+    """
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="a finished job's output folder (holding job.json)")
     p.add_argument("--things", help="thing classes, comma-separated, e.g. building,pond (default: the job's `things`)")
@@ -36,9 +44,8 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.objects import folder_objects
     from schemas.store import OutputLayout
 
-    things = [t.strip() for t in args.things.split(",") if t.strip()] if args.things else None
     results = folder_objects(
-        args.out, things=things, connectivity=args.connectivity, simplify=args.simplify, scenes=args.scene,
+        args.out, things=thing_names(args.things), connectivity=args.connectivity, simplify=args.simplify, scenes=args.scene,
         instances=args.instances,
     )
     layout = OutputLayout(Path(args.out))

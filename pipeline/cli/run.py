@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli.objects import thing_names
 from pipeline.cli.summary import print_job_summary
 from pipeline.core.boundary import CONVENTIONS
 from schemas.errors import SpecError
@@ -61,6 +62,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="refine the stitched probabilities before argmax: SLIC superpixel votes or a mean-field CRF, with their "
         "default options (others: refine_options in a job file); default none",
     )
+    p.add_argument(
+        "--things",
+        help="thing classes, comma-separated, e.g. building,pond: their connected components become objects (ids, "
+        "polygons and object metrics; README: Objects); default: the job's, else none",
+    )
+    p.add_argument(
+        "--connectivity", type=int, choices=[4, 8],
+        help="objects: 4, pixels sharing an edge are one object; 8, sharing a corner too (default: the job's, else 4)",
+    )
+    p.add_argument(
+        "--simplify", type=float, metavar="MAP_UNITS",
+        help="objects: simplify stored polygons to this tolerance in the scene CRS's units, topology kept "
+        "(default: the job's, else pixel-exact)",
+    )
     p.add_argument("--boundary-width", type=int, help="boundary IoU band width in pixels (default 3)")
     p.add_argument(
         "--boundary-ratio", type=float,
@@ -83,7 +98,8 @@ _FLAG_FIELDS = {
     "num_actors": "num_actors", "device": "device", "tta": "tta", "compile": "compile",
     "ignore_index": "ignore_index", "out": "out", "address": "address", "save_probabilities": "save_probabilities",
     "boundary_width": "boundary_width", "boundary_ratio": "boundary_ratio", "trimap_max_width": "trimap_max_width",
-    "boundary_convention": "boundary_convention", "refine": "refine",
+    "boundary_convention": "boundary_convention", "refine": "refine", "connectivity": "connectivity",
+    "simplify": "simplify",
 }
 
 
@@ -100,6 +116,9 @@ def spec_from_args(args: argparse.Namespace):
         overrides["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
     if args.bands:
         overrides["bands"] = _int_list(args.bands, "--bands")
+    things = thing_names(args.things)  # the rule of `satseg objects --things`
+    if things is not None:
+        overrides["things"] = things  # checked against the classes here, or a checkpoint's in run_job
     if args.job:
         if args.image or args.stac_bands:
             raise SpecError("give either a job file or --image (and --stac-bands), not both")
