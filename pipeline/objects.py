@@ -50,8 +50,8 @@ from schemas.errors import MismatchError, SpecError
 from schemas.reports import OBJECT_MISSES
 from schemas.store import OutputLayout, is_zarr_node
 from workers.objects import (
-    KEY_CLASSES, chunk_segments, instance_segments, label_components, map_polygons, polygon_pieces, require_shapely,
-    segment_stats, union_pieces,
+    KEY_CLASSES, MAX_INSTANCE_ID, chunk_segments, instance_segments, label_components, map_polygons, polygon_pieces,
+    require_shapely, segment_stats, union_pieces,
 )
 from workers.reader import SceneInfo, check_labels_match, grid_difference, open_scene
 
@@ -204,12 +204,24 @@ class _Truth:
         return self.merged.chunks[self.merged.index(keys)]
 
 
+def _instance_ids(instances: Raster, window: Window) -> np.ndarray:
+    """An instance raster's ids in a window (int64; -1 its nodata; 0 no object): 1 to ``MAX_INSTANCE_ID``, else one
+    line naming the file (an id is keyed with its class in an int64; a uint64 id of 2^63 or more reads as negative)."""
+    ids = instances.read(window)
+    bad = ids[(ids > MAX_INSTANCE_ID) | (ids < -1)]
+    if bad.size:
+        raise SpecError(
+            f"{instances.path}: instance id {int(bad[0])} is out of range (0 for none, else 1 to 2^55 - 1); renumber the ids"
+        )
+    return ids
+
+
 def _truth_segments(labels: Raster, instances: Raster | None, window: Window, spec: ObjectSpec, truth: _ChunkTruth,
                     width: int) -> tuple[np.ndarray, _TrueSegments]:
     """The truth's class map, and its thing segments in the chunk."""
     classes = _truth_classes(labels, window, spec)
     if instances is not None:
-        lab, label_classes, keys = instance_segments(classes, instances.read(window), spec.things)
+        lab, label_classes, keys = instance_segments(classes, _instance_ids(instances, window), spec.things)
     else:
         lab, label_classes = label_components(classes, spec.things, spec.connectivity)
     first, _, _, bbox = segment_stats(window, lab, len(label_classes), width)
@@ -232,7 +244,7 @@ def _segments(window: Window, pred: Raster, labels: Raster | None, instances: Ra
         return predicted, None
     truth = _truth_classes(labels, window, spec)
     if instances is not None:
-        return predicted, instance_segments(truth, instances.read(window), spec.things)[2]
+        return predicted, instance_segments(truth, _instance_ids(instances, window), spec.things)[2]
     tlab, tclasses = label_components(truth, spec.things, spec.connectivity)
     return predicted, chunk_segments(window, tlab, tclasses, width)
 
@@ -489,6 +501,8 @@ def scene_objects(
                        merge_components(true_chunks, grid, spec.connectivity))
         del true_chunks
     del found  # the chunks' border segments: the merge holds what is needed of them now
+    if len(objects) > np.iinfo(np.int32).max:  # before anything is written: ids are traced as int32, stored as uint32
+        raise SpecError(f"{store}: {len(objects):,} objects, more than the 2^31 - 1 a scene can number; split the scene")
     seconds["merge"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -50,20 +50,23 @@ def _rows(path: Path, columns: list[str] | None = None, filters=None) -> list[di
 
 
 def _largest(path: Path, key: str, columns: list[str], filters) -> list[dict]:
-    """The ``LARGEST`` rows by pixels of a table, reading only ``columns``, then the polygons of those rows alone."""
+    """The ``LARGEST`` rows by pixels of a table, reading only ``columns``, then the polygons of those rows alone.
+
+    A row is its ``key`` and ``class_index``: an instance raster's id may be a true object in each of two classes.
+    """
     if not path.exists():
         return []
-    table = pq.read_table(path, columns=[key, *columns], filters=filters)
+    table = pq.read_table(path, columns=[key, "class_index", *columns], filters=filters)
     if not table.num_rows:
         return []
     pixels = table.column("pixels").to_numpy()
     top = table.take(np.argsort(-pixels, kind="stable")[:LARGEST]).to_pylist()
     if "geometry" in pq.read_schema(path).names:  # tables of schema 4 and before hold no polygon for misses
         wanted = [r[key] for r in top]
-        shapes = pq.read_table(path, columns=[key, "geometry"], filters=[(key, "in", wanted)]).to_pylist()
-        geometry = {r[key]: r["geometry"] for r in shapes}
+        shapes = pq.read_table(path, columns=[key, "class_index", "geometry"], filters=[(key, "in", wanted)]).to_pylist()
+        geometry = {(r[key], r["class_index"]): r["geometry"] for r in shapes}
         for r in top:
-            r["geometry"] = geometry.get(r[key])
+            r["geometry"] = geometry.get((r[key], r["class_index"]))
     return top
 
 

@@ -526,6 +526,24 @@ def test_the_report_outlines_large_misses_and_false_alarms_and_boxes_tiny_ones()
     assert not _outline(rgb, tiny, lambda xy: xy[:, ::-1], (0, 0, 255))  # too small to outline: the caller boxes it
 
 
+def test_the_report_draws_each_miss_with_its_own_polygon_when_an_id_has_two_classes(tmp_path):
+    import shapely
+
+    from pipeline.report_objects import _largest
+
+    labels = np.zeros((10, 10), np.uint8)
+    labels[1:4, 1:4], labels[6:9, 5:9] = 1, 2  # a building and a pond ...
+    ids = np.where(labels > 0, 5, 0)  # ... of one instance id: two true objects, both missed
+    _, layout, _ = _run(tmp_path, "two", np.zeros((10, 10), np.uint8), 4, labels=str(_labels_tif(tmp_path / "l.tif", labels)),
+                        instances=str(_labels_tif(tmp_path / "i.tif", ids, nodata=0)))
+    path = layout.report_file("object_misses", "j", "s")
+    rows = _largest(path, "truth_id", ["class_name", "pixels", "iou", "row_off", "col_off", "height", "width"], None)
+    assert sorted((r["truth_id"], r["class_name"]) for r in rows) == [(5, "building"), (5, "pond")]
+    for r in rows:
+        want = (labels == NAMES.index(r["class_name"])).sum() * 100.0  # a pixel is 10 x 10 map units
+        assert shapely.from_wkb(r["geometry"]).area == want
+
+
 def test_satseg_objects_scores_against_an_instance_raster(tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.job_folder import claim_output
@@ -574,6 +592,31 @@ def test_satseg_objects_takes_a_scenes_instances_from_its_job(tmp_path, capsys):
     assert (misses.geom_type == "MultiPolygon").any()  # an id's pixels of one class need not touch, and the file says so
     geo = json.loads(pq.read_schema(OutputLayout(out).report_file("object_misses", "jobid", "s")).metadata[b"geo"])
     assert "MultiPolygon" in geo["columns"]["geometry"]["geometry_types"]
+
+
+def test_instance_ids_too_large_for_their_key_are_one_line_and_nothing_is_written(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.job_folder import claim_output
+
+    out = tmp_path / "job"
+    pred, truth = _pair_scene(2)
+    ids = np.full(truth.shape, 3, np.int64)
+    ids[-1, -1] = 2**56 + 3  # would share its key (id x 256 + class) with id 3
+    tif = _labels_tif(tmp_path / "labels.tif", truth)
+    with rasterio.open(tmp_path / "ids.tif", "w", driver="GTiff", height=ids.shape[0], width=ids.shape[1], count=1,
+                       dtype="int64", crs=CRS.from_epsg(EPSG), transform=rasterio.Affine(*TRANSFORM)) as f:
+        f.write(ids, 1)
+    spec = {"scenes": [{"image": str(tmp_path / "img.tif"), "labels": str(tif), "name": "s"}], "model": "pixel_linear",
+            "classes": NAMES, "things": ["building"], "out": str(out)}
+    claim_output(OutputLayout(out), "jobid", spec)
+    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    assert main(["objects", str(out), "--instances", str(tmp_path / "ids.tif")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ids.tif: instance id 72057594037927939 is out of range" in err
+    assert not (OutputLayout(out).mask_store("s") / "instances").exists()
+    assert not OutputLayout(out).report_file("objects", "jobid", "s").exists()
+    assert main(["objects", str(out), "--things", " , "]) == 2
+    assert "--things ' , ' names no class" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("folder", ["out", "out [1]"])  # `[1]` is a pattern to DuckDB's and Python's globs

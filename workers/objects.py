@@ -24,6 +24,7 @@ from schemas.errors import SpecError
 __all__ = [
     "OBJECTS_EXTRA",
     "KEY_CLASSES",
+    "MAX_INSTANCE_ID",
     "require_shapely",
     "label_components",
     "segment_stats",
@@ -139,6 +140,9 @@ def chunk_segments(
 
 KEY_CLASSES = 256
 """An instance segment's key is ``raster id * 256 + class``: one id over two classes is two segments."""
+
+MAX_INSTANCE_ID = np.iinfo(np.int64).max // KEY_CLASSES
+"""The largest id an instance raster may hold (2^55 - 1), so its key fits in int64."""
 
 
 def instance_segments(classes: np.ndarray, ids: np.ndarray, things: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from schemas.errors import SpecError
+
 HELP = (
     "objects of a finished job's masks: the thing classes' connected components as ids beside the mask, one polygon "
     "per object (GeoParquet), and with labels F1, PQ, SQ and RQ per class (README: Objects)"
@@ -15,7 +17,12 @@ def thing_names(text: str | None) -> list[str] | None:
 
     `satseg run` uses it too, so both commands read the flag by one rule.
     """
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+    if not text:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise SpecError(f"--things {text!r} names no class; give one or more, e.g. --things building,pond")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
