@@ -516,6 +516,8 @@ def _scene_row(
         "chunk_size": plan.grid.chunk,
         "stitch": spec.stitch,
         "window": spec.window,
+        "refine": spec.refine,
+        "refine_options": json.dumps(spec.refine_settings.model_dump(), sort_keys=True) if spec.refine_settings else None,
         "tiles_lattice": len(plan.lattice),
         "tiles_computed": spent["tiles_predicted"],
         "tiles_reused": spent["tiles_reused"],

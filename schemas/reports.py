@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 5  # 3: scenes.nodata_collisions, scenes.boundary_convention; 4: footprints in lon/lat, native beside;
-# 5: object_misses.geometry (GeoParquet), first_row, first_col
+# 5: object_misses.geometry (GeoParquet), first_row, first_col; scenes.refine, refine_options
 """Version 4 moved ``tiles.geometry`` from the scene CRS to lon/lat; files of versions 1-3 keep the scene CRS there."""
 
 _f64 = pa.float64()
@@ -133,6 +133,8 @@ SCENES = pa.schema(
         ("chunk_size", pa.int32()),
         ("stitch", pa.string()),
         ("window", pa.string()),
+        ("refine", pa.string()),  # none, slic or crf (satseg run); null from satseg evaluate
+        ("refine_options", pa.string()),  # the refinement's options as applied, JSON
         ("tiles_lattice", _i64),
         ("tiles_computed", _i64),
         ("tiles_reused", _i64),

@@ -195,3 +195,14 @@ def test_a_job_over_two_utm_zones_writes_one_lonlat_column(ray_local, two_zones,
     assert rows == [("east", "OGC:CRS84", 9), ("west", "OGC:CRS84", 9)]
     _, rows = run_query(result.layout.root, "SELECT scene, epsg, ST_AsText(geometry) IS NOT NULL FROM scenes ORDER BY scene")[:2]
     assert rows == [("east", 32632, True), ("west", 32631, True)]
+
+
+def test_bounds_of_a_rotated_grid_cover_all_four_corners():
+    rotated = rasterio.Affine.rotation(30) * rasterio.Affine.scale(1, -1)
+    info = SceneInfo("x", 10, 10, 1, "uint8", None, tuple(rotated)[:6], None)
+    corners = [rotated * (c, r) for r in (0, 10) for c in (0, 10)]
+    xs, ys = zip(*corners)
+    assert info.bounds(Window(0, 0, 10, 10)) == pytest.approx((min(xs), min(ys), max(xs), max(ys)))
+    # north up: the two opposite corners alone, as before
+    north = SceneInfo("y", 10, 20, 1, "uint8", None, (0.5, 0, 100, 0, -0.5, 200), None)
+    assert north.bounds(Window(2, 4, 3, 6)) == (102.0, 197.5, 105.0, 199.0)

@@ -3,9 +3,11 @@ the same bits on numpy and torch, and the same bits chunked as whole, for chunk 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
@@ -362,4 +364,7 @@ def test_a_refined_job_is_the_same_for_other_chunk_sizes_and_actor_counts(ray_lo
     assert np.array_equal(stored_mask(first), stored_mask(other))
     assert (stored_mask(first) != stored_mask(plain)).any()
     assert first.job_id != plain.job_id
+    row = pq.read_table(first.layout.report_file("scenes", first.job_id, "odd")).to_pylist()[0]
+    assert row["refine"] == refine and json.loads(row["refine_options"]).items() >= options.items()
+    assert pq.read_table(plain.layout.report_file("scenes", plain.job_id, "odd")).to_pylist()[0]["refine"] == "none"
     assert zarr.open_array(str(first.layout.mask_store("odd")), path="mask", mode="r").shape == (odd_scene.height, odd_scene.width)

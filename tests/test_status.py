@@ -197,3 +197,11 @@ def test_of_two_jobs_claiming_one_folder_at_once_exactly_one_proceeds(tmp_path):
         assert len(winners) == 1, outcome
         assert read_job_record(layout.root)["job_id"] == winners[0]
         assert [p.name for p in layout.root.iterdir()] == ["job.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("text", ["garbage{", "[1, 2]", ""])
+def test_status_of_a_folder_whose_job_json_is_unreadable_is_one_line(tmp_path, capsys, text):
+    (tmp_path / "job.json").write_text(text)
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "job.json: not a job record satseg can read" in err

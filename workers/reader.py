@@ -65,13 +65,14 @@ class SceneInfo:
         return rasterio.Affine(*self.transform)
 
     def bounds(self, window: Window) -> tuple[float, float, float, float]:
-        """(minx, miny, maxx, maxy) of a pixel window in the scene CRS."""
+        """(minx, miny, maxx, maxy) of a pixel window in the scene CRS: over its four corners, so a rotated grid's too."""
         a = self.affine
         xs, ys = [], []
-        for r, c in ((window.row_off, window.col_off), (window.row_stop, window.col_stop)):
-            x, y = a @ (c, r)
-            xs.append(x)
-            ys.append(y)
+        for r in (window.row_off, window.row_stop):
+            for c in (window.col_off, window.col_stop):
+                x, y = a @ (c, r)
+                xs.append(x)
+                ys.append(y)
         return (min(xs), min(ys), max(xs), max(ys))
 
 

@@ -22,6 +22,9 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.out)
     schedule = ScheduleLayout(root)
     if OutputLayout(root).job_file.is_file():
+        if read_job_record(root) is None:
+            raise SpecError(f"{OutputLayout(root).job_file}: not a job record satseg can read (not a JSON object); "
+                            "pass the `out` folder of a job satseg ran")
         jobs = [root]
     elif schedule.jobs.is_dir():
         jobs = sorted(p for p in schedule.jobs.iterdir() if OutputLayout(p).job_file.is_file())
