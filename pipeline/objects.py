@@ -757,6 +757,10 @@ def folder_objects(
             connectivity=connectivity or job.connectivity, simplify=job.simplify if simplify is None else simplify,
             ignore_index=job.ignore_index, label_values=job.label_values, source=source,
         ))
+    if results:
+        from pipeline.stac_output import refresh_stac
+
+        refresh_stac(layout)  # the items link the object tables now
     return results
 
 

@@ -801,4 +801,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, job_id: 
     page = render_report(tables)
     with replacing(out) as f:
         f.write(page.encode("utf-8"))
+    layout = OutputLayout(tables.run_dir)
+    if out.resolve() == layout.html_report.resolve():  # the job's own report: its STAC items link it now
+        from pipeline.stac_output import refresh_stac
+
+        refresh_stac(layout)
     return out

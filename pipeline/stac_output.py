@@ -34,7 +34,7 @@ from workers.reader import SceneInfo
 
 __all__ = [
     "STAC_VERSION", "PROJECTION_EXTENSION", "CLASSIFICATION_EXTENSION", "stac_classes", "write_scene_item",
-    "write_collection", "write_stac", "add_cog_asset",
+    "write_collection", "write_stac", "refresh_stac", "add_cog_asset",
 ]
 
 STAC_VERSION = "1.1.0"
@@ -42,7 +42,7 @@ PROJECTION_EXTENSION = "https://stac-extensions.github.io/projection/v2.0.0/sche
 CLASSIFICATION_EXTENSION = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
-_SCENE_TABLES = ("scenes", "classes", "tiles", "curves")
+_SCENE_TABLES = ("scenes", "classes", "tiles", "curves", "objects", "object_metrics", "object_misses")
 
 
 def stac_classes(names: list[str], colours) -> list[dict]:
@@ -249,6 +249,14 @@ def write_stac(layout: OutputLayout, scenes: Iterable[str]) -> list[Path]:
     if items:
         write_collection(layout)
     return items
+
+
+def refresh_stac(layout: OutputLayout) -> list[Path]:
+    """Rewrite a job folder's items and collection after a later command added to it (`satseg report`: the HTML
+    report; `satseg objects`: the object tables), so their links say what is there now. Nothing outside a job folder."""
+    if not layout.job_file.is_file() or not layout.masks.is_dir():
+        return []
+    return write_stac(layout, sorted(p.name[: -len(".zarr")] for p in layout.masks.glob("*.zarr")))
 
 
 def add_cog_asset(store: Path, cog: Path) -> Path | None:

@@ -15,11 +15,12 @@ from workers.mask_store import create_mask_store, mark_complete, write_mask_chun
 TRANSFORM = tuple(from_origin(500000.0, 4_600_000.0, 10.0, 10.0))[:6]
 
 
-def write_store(path: Path, mask: np.ndarray, chunk: int, class_names: list[str], *, complete: bool = True) -> Path:
+def write_store(path: Path, mask: np.ndarray, chunk: int, class_names: list[str], *, complete: bool = True,
+                job_id: str = "test") -> Path:
     """A mask store holding ``mask`` (uint8, 255 = nodata) in EPSG:32633, written chunk by chunk like a job does."""
     h, w = mask.shape
     info = SceneInfo(str(path), h, w, 1, "uint8", CRS.from_epsg(32633).to_wkt(), TRANSFORM, None)
-    create_mask_store(path, info, chunk, class_names=class_names, job_id="test")
+    create_mask_store(path, info, chunk, class_names=class_names, job_id=job_id)
     for r in range(0, h, chunk):
         for c in range(0, w, chunk):
             win = Window(r, c, min(chunk, h - r), min(chunk, w - c))

@@ -490,7 +490,7 @@ def test_satseg_objects_on_a_finished_job_folder_and_query(tmp_path, capsys):
     spec = {"scenes": [{"image": str(tmp_path / "img.tif"), "labels": str(tif), "name": "s"}], "model": "pixel_linear",
             "classes": NAMES, "out": str(out)}
     claim_output(OutputLayout(out), "jobid", spec)
-    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES)
+    write_store(OutputLayout(out).mask_store("s"), pred.astype(np.uint8), 16, NAMES, job_id="jobid")
     assert main(["objects", str(out), "--things", "car"]) == 2
     assert "things 'car' is not a class" in capsys.readouterr().err
     assert main(["objects", str(out)]) == 2
@@ -506,6 +506,10 @@ def test_satseg_objects_on_a_finished_job_folder_and_query(tmp_path, capsys):
     assert "things" in capsys.readouterr().out
     from pipeline.report_objects import objects_section
 
+    item = OutputLayout(out).stac_item("s")  # satseg objects refreshed the scene's STAC item: it links the tables
+    links = {(item.parent / link["href"]).resolve() for link in json.loads(item.read_text())["links"]}
+    for table in ("objects", "object_metrics", "object_misses"):
+        assert OutputLayout(out).report_file(table, "jobid", "s").resolve() in links
     page = objects_section(OutputLayout(out), "jobid", "s", out / "masks/s.zarr", pred.shape, NAMES, "s")
     assert 'data-section="objects"' in page and "Largest false alarms" in page and "data:image/png" in page
     assert objects_section(OutputLayout(out), "jobid", "other", None, pred.shape, NAMES, "o") == ""

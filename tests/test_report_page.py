@@ -331,3 +331,21 @@ def test_job_mask_exports_as_a_valid_cog(run_dir, arrays, tmp_path):
     assert cog_validate(str(out))[0]
     with rasterio.open(out) as src:
         assert np.array_equal(src.read(1), arrays[0])
+
+
+def test_the_jobs_own_report_is_linked_from_its_stac_items_once_written(run_dir):
+    import json
+
+    from schemas.store import OutputLayout
+
+    layout = OutputLayout(run_dir)
+    item = layout.stac_item("odd")
+
+    def html_linked() -> bool:
+        return any(link.get("type") == "text/html" for link in json.loads(item.read_text())["links"])
+
+    assert not layout.html_report.exists() and not html_linked()  # satseg run writes no HTML report
+    assert write_report(run_dir) == layout.html_report
+    assert html_linked()  # satseg report refreshed the item ...
+    collection = json.loads(layout.stac_collection.read_text())
+    assert any(link.get("type") == "text/html" for link in collection["links"])  # ... and the collection
