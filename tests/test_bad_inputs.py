@@ -539,8 +539,8 @@ CASES = [
     # satseg status
     Case("status-empty-folder", lambda tmp: ["status", str(tmp)], one_line("no job.json")),
     Case("status-a-file", lambda tmp: ["status", str(_image(tmp))], one_line("img.tif", "no job.json")),
-    # an unreadable record is no record: the folder reads as a job with no scene state yet
-    Case("status-garbage-job-record", _status_garbage_job, ok(says("no scene state recorded yet"))),
+    # an unreadable job record is one line; an unreadable scene state is no state yet
+    Case("status-garbage-job-record", _status_garbage_job, one_line("job.json", "not a job record satseg can read")),
     Case("status-garbage-scene-state", _status_garbage_state, ok(says("no scene state recorded yet"))),
     # satseg schedule
     Case("schedule-a-list", _schedule("- a\n- b\n"), one_line("schedule.yaml", "YAML mapping")),
