@@ -90,10 +90,13 @@ def stretch(bands: np.ndarray, valid: np.ndarray, low: float = 2.0, high: float 
 
 
 def read_image_rgb(path: str | Path, out_shape: tuple[int, int], window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decimated colour view of an image (or a window of it): uint8 (h, w, 3) and its valid mask."""
-    import rasterio
+    """Decimated colour view of an image (or a window of it): uint8 (h, w, 3) and its valid mask.
 
-    with rasterio.open(path) as src:
+    ``path`` as the job reads it: local, remote or virtual, or a STAC item's bands stacked as VRT text.
+    """
+    from workers.reader import open_raster
+
+    with open_raster(path) as src:
         bands = rgb_bands(src.descriptions, src.count)
         rw = _rio_window(window)
         data = src.read(bands, window=rw, out_shape=(len(bands), *out_shape))
@@ -134,9 +137,9 @@ def read_labels(
         raw = np.asarray(array.get_orthogonal_selection((rows, cols))).astype(np.int64)
         valid = np.ones(out_shape, dtype=bool)
     else:
-        import rasterio
+        from workers.reader import open_raster
 
-        with rasterio.open(path) as src:
+        with open_raster(path, role="labels") as src:
             rw = _rio_window(window)
             raw = src.read(1, window=rw, out_shape=out_shape).astype(np.int64)
             valid = src.read_masks(1, window=rw, out_shape=out_shape) > 0
@@ -157,9 +160,9 @@ def read_mask_samples(array, rows: np.ndarray, cols: np.ndarray, factor: int = 1
 
 def read_mask_raster(path: str | Path, out_shape: tuple[int, int], window: Window | None = None) -> np.ndarray:
     """A GeoTIFF class mask read decimated (same samples as the other views); nodata and values > 254 become 255."""
-    import rasterio
+    from workers.reader import open_raster
 
-    with rasterio.open(path) as src:
+    with open_raster(path, role="mask") as src:
         rw = _rio_window(window)
         raw = src.read(1, window=rw, out_shape=out_shape).astype(np.int64)
         valid = src.read_masks(1, window=rw, out_shape=out_shape) > 0

@@ -208,14 +208,46 @@ class _SceneContext:
     row: dict
     class_names: list[str]
     store: Path | None
-    image: Path | None
-    labels: Path | None
+    image: str | Path | None  # as the job read it: a local file, a remote or virtual path, a STAC item's VRT text
+    labels: str | Path | None
     lookup: np.ndarray
     ignore_index: int | None
+    unreadable: dict = field(default_factory=dict)  # role -> why it could not be read (one line)
 
 
 def _existing(path: str | None) -> Path | None:
     return Path(path) if path and Path(path).exists() else None
+
+
+def _stac_bands(spec: dict | None, scene: str) -> list[str] | None:
+    """The bands a scene's image (a STAC item) was stacked from, as its job says; None for any other image."""
+    from pydantic import ValidationError
+
+    from schemas.job import JobSpec
+
+    try:
+        job = JobSpec.model_validate(spec or {})
+    except ValidationError:
+        return None
+    return next((s.stac_bands for s in job.scenes if s.scene_name == scene), None)
+
+
+def _raster(path: str | None, role: str, unreadable: dict, stac_bands: list[str] | None = None) -> str | Path | None:
+    """Where the report reads a recorded raster: a local file that exists, a remote or virtual path as written (read
+    when drawn, as the job read it), or a STAC item's bands stacked as VRT text; None (and why, in ``unreadable``)."""
+    from schemas.errors import SatsegError
+    from schemas.rasters import gdal_path
+    from workers.reader import open_scene
+
+    if not path:
+        return None
+    if stac_bands:
+        try:
+            return open_scene(path, role=role, stac_bands=stac_bands).source
+        except SatsegError as err:
+            unreadable[role] = str(err)
+            return None
+    return path if gdal_path(path) is not None else _existing(path)
 
 
 def _scene_context(tables: RunTables, row: dict) -> _SceneContext:
@@ -225,9 +257,11 @@ def _scene_context(tables: RunTables, row: dict) -> _SceneContext:
     classes = spec.get("classes")
     values = row.get("label_values") or ([int(v) for v in classes] if isinstance(classes, dict) else None)
     ignore = row["ignore_index"] if row.get("ignore_index") is not None else spec.get("ignore_index", 255)
+    unreadable: dict = {}
+    image = _raster(row.get("image"), "image", unreadable, _stac_bands(tables.spec, row["scene"]))
     return _SceneContext(
-        row["scene"], row, names, store, _existing(row.get("image")), _existing(row.get("labels")),
-        label_lookup(values, len(names)), ignore,
+        row["scene"], row, names, store, image, _raster(row.get("labels"), "labels", unreadable),
+        label_lookup(values, len(names)), ignore, unreadable,
     )
 
 
@@ -280,12 +314,20 @@ def _views(ctx: _SceneContext, window: Window, side: int, *, overview: bool) -> 
     cols = sample_positions(window.col_off, window.width, out[1])
     c = len(ctx.class_names)
     views: dict = {"shape": out}
-    if ctx.image is not None:
-        views["image"], _ = read_image_rgb(ctx.image, out, window)
+    if ctx.image is not None and "image" not in ctx.unreadable:
+        try:
+            views["image"], _ = read_image_rgb(ctx.image, out, window)
+        except InputFileError as err:  # a remote image out of reach now: the report goes on without it
+            ctx.unreadable["image"] = str(err)
     if ctx.store is None:
         return views
     colours = mask_colours(ctx.class_names, ctx.store)
-    truth = read_labels(ctx.labels, out, ctx.lookup, ctx.ignore_index, window) if ctx.labels is not None else None
+    truth = None
+    if ctx.labels is not None and "labels" not in ctx.unreadable:
+        try:
+            truth = read_labels(ctx.labels, out, ctx.lookup, ctx.ignore_index, window)
+        except InputFileError as err:
+            ctx.unreadable["labels"] = str(err)
     if truth is None and overview and ctx.store.is_dir():
         arr, level = _prediction_source(ctx.store, max(out))
         views["level"] = level
@@ -335,10 +377,14 @@ def _quicklook(ctx: _SceneContext, slug: str) -> str:
     views = _views(ctx, whole, QUICKLOOK_SIDE, overview=True)
     notes = []
     if "image" not in views:
-        notes.append(_note(f"image not shown: {ctx.row['image']} not found") if ctx.row.get("image")
-                     else _note("image not shown: this run records no image (an `evaluate` run)"))
+        if "image" in ctx.unreadable:
+            notes.append(_note(f"image not shown: {ctx.unreadable['image']}"))
+        else:
+            notes.append(_note(f"image not shown: {ctx.row['image']} not found") if ctx.row.get("image")
+                         else _note("image not shown: this run records no image (an `evaluate` run)"))
     if "labels" not in views:
-        notes.append(_note("labels and error map not shown: the scene has no labels (or its label file was not found)"))
+        notes.append(_note(f"labels and error map not shown: {ctx.unreadable['labels']}") if "labels" in ctx.unreadable
+                     else _note("labels and error map not shown: the scene has no labels (or its label file was not found)"))
     shape = views["shape"]
     body = (
         "".join(notes) + _panels(ctx, views)
@@ -566,7 +612,12 @@ def _worst_tiles(ctx: _SceneContext, slug: str) -> str:
         return _section(slug, "worst-tiles", title, _note("not computed: the scene has no labels (or its label file was not found)"))
     if ctx.store is None:
         return _section(slug, "worst-tiles", title, _note("not available: mask store not found"))
-    labelled, wrong = tile_errors(ctx, tile)
+    if "labels" in ctx.unreadable:
+        return _section(slug, "worst-tiles", title, _note(f"not computed: {ctx.unreadable['labels']}"))
+    try:
+        labelled, wrong = tile_errors(ctx, tile)
+    except InputFileError as err:  # remote labels out of reach now
+        return _section(slug, "worst-tiles", title, _note(f"not computed: {err}"))
     bad_r, bad_c = np.nonzero(wrong)
     order = np.lexsort((bad_c, bad_r, -wrong[bad_r, bad_c]))[:WORST_TILES]
     if not order.size:

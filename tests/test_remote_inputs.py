@@ -219,3 +219,17 @@ def test_satseg_run_reads_s3_with_gdal_config_from_the_environment(odd_scene, s3
     assert done.returncode == 0, done.stderr[-3000:]
     masks = {n: zarr.open_array(str(tmp_path / "out" / "masks" / f"{n}.zarr"), path="mask", mode="r")[:] for n in ("s3", "local")}
     assert np.array_equal(masks["s3"], masks["local"])
+
+
+def test_report_views_read_remote_rasters_as_the_job_does(odd_scene, served):
+    from pipeline.quicklook import label_lookup, read_image_rgb, read_labels
+
+    window = Window(10, 20, 200, 150)
+    a, valid_a = read_image_rgb(served.url("scene.tif"), (50, 40), window)
+    b, valid_b = read_image_rgb(odd_scene.image, (50, 40), window)
+    assert np.array_equal(a, b) and np.array_equal(valid_a, valid_b)
+    lut = label_lookup(None, len(CLASSES))
+    assert np.array_equal(read_labels(served.url("labels.tif"), (50, 40), lut, 255, window),
+                          read_labels(odd_scene.labels, (50, 40), lut, 255, window))
+    with pytest.raises(InputFileError, match="missing.tif"):  # the report turns this into a note
+        read_image_rgb(served.url("missing.tif"), (8, 8))

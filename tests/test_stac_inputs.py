@@ -216,3 +216,20 @@ def test_a_job_over_a_stac_item_and_an_http_raster_equals_the_local_job(ray_loca
     assert len({s.metrics.mean_iou for s in result.scenes}) == 1
     rows = {r["scene"]: r for r in pq.read_table(tmp_path / "out" / "reports" / "scenes").to_pylist()}
     assert rows["stac"]["image"] == served.url("http_item.json") and rows["http"]["labels"] == labels
+    # the HTML report shows each scene's image and labels, read as the job read them: a file, HTTP, a STAC item's bands
+    from pipeline.report import load_run, _scene_context, _views
+    from pipeline.core.geometry import Window
+
+    tables = load_run(tmp_path / "out")
+    views = {}
+    for row in tables.scenes:
+        ctx = _scene_context(tables, row)
+        assert not ctx.unreadable, ctx.unreadable
+        views[row["scene"]] = _views(ctx, Window(0, 0, int(row["height"]), int(row["width"])), 96, overview=True)
+    for name in ("http", "stac"):
+        for key in ("image", "labels", "error"):
+            assert np.array_equal(views[name][key], views["local"][key]), (name, key)
+    from pipeline.report import write_report
+
+    page = write_report(tmp_path / "out").read_text()
+    assert "image not shown" not in page and "labels and error map not shown" not in page

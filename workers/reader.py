@@ -37,7 +37,7 @@ from schemas.rasters import gdal_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SceneInfo", "WindowData", "open_scene", "raster_tags", "check_labels_match", "read_image_window", "read_label_window", "check_bands",
+__all__ = ["SceneInfo", "WindowData", "open_scene", "open_raster", "raster_tags", "check_labels_match", "read_image_window", "read_label_window", "check_bands",
            "normalise", "EXACT_IN_FLOAT32", "grid_difference", "dataset_name", "VRT_NAME_KEY"]
 
 
@@ -228,6 +228,12 @@ def _opened(path: str, what: str, role: str = "image"):  # what: "open" or "read
         if what == "open":
             raise InputFileError(f"{name}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)") from None
         raise InputFileError(f"{name}: read failed ({detail}); check the file, and any file it refers to, is complete") from None
+
+
+def open_raster(path: str | Path, role: str = "image"):
+    """A raster opened for reading as the job reads it (local, remote or virtual path, or a STAC item's VRT text):
+    a context manager giving the rasterio dataset; a failure is one line (`InputFileError`)."""
+    return _opened(str(path), "read", role)
 
 
 def raster_tags(path: str | Path, role: str = "labels") -> dict[str, str]:
