@@ -441,7 +441,7 @@ CASES = [
     Case("corrupt-geotiff", _corrupt, one_line("corrupt.tif", "read failed", "IReadBlock")),
     Case("jpeg-named-tif", _jpeg_named_tif, ok(all_valid)),
     Case("png", _png, ok(all_valid)),
-    Case("vrt-with-missing-source", _vrt_missing_source, one_line("mosaic.vrt", "gone.tif")),
+    Case("vrt-with-missing-source", _vrt_missing_source, one_line("mosaic.vrt", "gone.tif", "does not exist")),
     # bands
     Case("no-band-selected", lambda tmp: _run(tmp, _image(tmp), "--bands", ","), one_line("bands")),
     Case("band-out-of-range", lambda tmp: _run(tmp, _image(tmp), "--bands", "1,5"), one_line("band 5 does not exist", "img.tif")),

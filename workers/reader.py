@@ -275,6 +275,13 @@ def open_scene(path: str | Path, *, role: str = "image", stac_bands: Sequence[st
         if path.lower().endswith(".json"):
             _refuse_stac_item(path, role)
     with _opened(path, "open", role) as src:
+        if src.driver == "VRT":  # GDAL opens a VRT whose source is gone, and fails only at the first read
+            missing = [f for f in src.files[1:] if gdal_path(f) is None and not Path(f).exists()]
+            if missing:
+                raise InputFileError(
+                    f"{dataset_name(path)}: its source {missing[0]} does not exist; restore it or fix the VRT's "
+                    "SourceFilename"
+                )
         complex_bands = [b + 1 for b, t in enumerate(src.dtypes) if t.startswith("complex")]
         if complex_bands:
             raise InputFileError(
