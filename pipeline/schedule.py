@@ -220,7 +220,11 @@ def _check_scene(image: str, labels: str | None) -> str | None:
         if labels is not None:
             check_labels_match(info, open_scene(labels, role="label"))
     except SatsegError as err:
-        return one_line(err)
+        text = one_line(err)
+        for path in (image, labels):  # the warning names the file once: drop the error's own "PATH: " prefix
+            if path and text.startswith(f"{path}: "):
+                return text[len(path) + 2 :] if path == image else text
+        return text
     return None
 
 

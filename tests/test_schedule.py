@@ -132,8 +132,11 @@ def test_a_failing_scene_is_counted_and_retried_last(ray_local, site):
     deliver(site, "c", 3)
     (site / "incoming" / "notes.tif").write_text("not a raster")
     spec = load_schedule(write_schedule(site))
-    first = run_tick(spec, T1, log=lambda m: None)
-    # notes.tif fails up front; b fails at run time, and the job goes on with c
+    said: list[str] = []
+    first = run_tick(spec, T1, log=said.append)
+    # notes.tif fails up front, named once in its warning; b fails at run time, and the job goes on with c
+    (warning,) = [m for m in said if "notes.tif" in m]
+    assert warning.count("notes.tif") == 1 and "not a readable raster" in warning, warning
     assert (first["scenes_found"], first["scenes_submitted"], first["scenes_failed"], first["status"]) == (4, 3, 2, "failed")
     assert "read failed" in first["message"]
     second = run_tick(spec, T2, log=lambda m: None)

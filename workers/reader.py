@@ -221,8 +221,8 @@ def _opened(path: str, what: str, role: str = "image"):  # what: "open" or "read
                 yield src
     except RasterioIOError as err:
         cause = err.__cause__ or err.__context__  # GDAL's own message; rasterio's says "see previous exception"
-        detail = first_line(cause if cause is not None else err)[:200]
         name = dataset_name(path)
+        detail = first_line(cause if cause is not None else err).replace(f"'{remote or path}' ", "")[:200]  # named once
         if what == "open" and remote is not None:
             raise _remote_failure(name, role, cause, detail) from None
         if what == "open":
