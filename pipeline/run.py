@@ -238,11 +238,18 @@ def _actor_for(row: int, col: int, plan: ScenePlan, strip: int, n_actors: int) -
 
 
 def _strip_width(plan: ScenePlan, num_classes: int, n_actors: int, cache_bytes: int = TILE_CACHE_BYTES) -> int:
-    """Chunk columns per strip: the tiles a strip shares between chunk rows fit half the actor's tile cache."""
-    cols = plan.grid.shape[1]
-    tiles_across = -(-plan.grid.chunk // plan.lattice.stride) + 1
+    """Chunk columns per strip: the tiles a strip shares between chunk rows fit half the actor's tile cache.
+
+    A chunk stitches its region (the chunk, grown by a refinement's halo), so with a halo a chunk column spans more
+    tiles across, and consecutive chunk rows share more rows of tiles.
+    """
+    rows, cols = plan.grid.shape
+    inner = plan.task(min(1, rows - 1), min(1, cols - 1))  # away from the scene's edges, where the halo is whole
+    grown = (inner.stitched.height - inner.chunk.height, inner.stitched.width - inner.chunk.width)  # 0 without one
+    tiles_across = -(-(plan.grid.chunk + grown[1]) // plan.lattice.stride) + 1
+    rows_shared = -(-grown[0] // plan.lattice.stride) + 1
     per_tile = plan.lattice.tile**2 * (4 * num_classes if plan.mode == "blend" else 1)
-    strip = max(1, int(cache_bytes // 2 // (tiles_across * per_tile)))
+    strip = max(1, int(cache_bytes // 2 // (tiles_across * rows_shared * per_tile)))
     return max(1, min(strip, -(-cols // n_actors)))
 
 

@@ -200,6 +200,24 @@ def test_every_actor_gets_chunks_and_each_strip_keeps_its_order(actors, size):
             assert all(owners[(r, c)] == k for r in held for c in range(s, min(s + strip, cols)))
 
 
+def test_strips_narrow_for_a_refinement_halo_so_shared_tiles_still_fit_half_the_cache():
+    from pipeline.core.plan import plan_scene
+    from pipeline.run import _strip_width
+    from schemas.refine import CRFOptions
+
+    cache = 64 * 2**20
+    plain = plan_scene(8192, 8192, tile=128, overlap=32, chunk=256, mode="blend")
+    refined = plan_scene(8192, 8192, tile=128, overlap=32, chunk=256, mode="blend", refine=CRFOptions())
+    wide, narrow = _strip_width(plain, 5, 1, cache), _strip_width(refined, 5, 1, cache)
+    assert 1 <= narrow < wide
+    task = refined.task(1, 1)
+    stride, per_tile = refined.lattice.stride, 128**2 * 4 * 5
+    across = -(-task.stitched.width // stride) + 1
+    shared = -(-(task.stitched.height - task.chunk.height) // stride) + 1
+    assert narrow * across * shared * per_tile <= cache // 2  # the shared tiles of a strip fit half the cache
+    assert _strip_width(plan_scene(100, 100, tile=64, overlap=16, chunk=100, mode="crop"), 5, 1) == 1  # one chunk
+
+
 def test_job_id_changes_with_what_determines_the_outputs_and_nothing_else(odd_scene, tmp_path):
     from pipeline.run import job_id_of, resolve_model
     from schemas.job import RUN_SETTINGS, JobSpec
