@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["LEVELS", "LOG_FILE_ENV", "LOG_LEVEL_ENV", "log_file", "configure_logging"]
+__all__ = ["LEVELS", "LOG_FILE_ENV", "LOG_LEVEL_ENV", "log_file", "SharedRotatingFile", "configure_logging"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 LOG_FILE_ENV = "SATSEG_LOG_FILE"
@@ -62,6 +62,60 @@ class _Lowercase(logging.Formatter):
 _OURS = "_satseg_handler"
 
 
+class SharedRotatingFile(logging.handlers.RotatingFileHandler):
+    """A rotating log file that several processes may write at once (a schedule's ticks, jobs run side by side).
+
+    Python's handler rotates with no regard to other processes: one renames the file while another still writes
+    to the old one, or both rotate, and records are lost. Here every record is written under an exclusive
+    ``fcntl.flock`` on ``<file>.lock``; a process whose open file was rotated away by another reopens the current one
+    first, and the size that decides rotation is the file's own. Where ``fcntl`` is missing (Windows) it is the
+    plain handler.
+    """
+
+    def __init__(self, filename, *args, **kwargs):
+        super().__init__(filename, *args, **kwargs)
+        self._lock_file = None
+
+    def _reopen_if_rotated(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            current = os.stat(self.baseFilename).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(self.stream.fileno()).st_ino:
+            self.stream.close()
+            self.stream = None  # FileHandler.emit opens the file there now
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: one process's rotation, as Python does it
+            super().emit(record)
+            return
+        try:
+            if self._lock_file is None:
+                self._lock_file = open(self.baseFilename + ".lock", "a")  # noqa: SIM115 (held for the handler's life)
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                self._reopen_if_rotated()
+                super().emit(record)
+                if self.stream is not None:
+                    self.stream.flush()
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        try:
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+        finally:
+            super().close()
+
+
 def configure_logging(level: str | None = None) -> Path | None:
     """Send satseg's records at ``level`` (default ``$SATSEG_LOG_LEVEL`` or warning) to stderr, and every record at
     info or above (debug at debug) to the log file; engines' records reach stderr only at debug.
@@ -87,7 +141,7 @@ def configure_logging(level: str | None = None) -> Path | None:
     path: Path | None = log_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.handlers.RotatingFileHandler(path, maxBytes=_LOG_BYTES, backupCount=3, delay=True, encoding="utf-8")
+        to_file = SharedRotatingFile(path, maxBytes=_LOG_BYTES, backupCount=3, delay=True, encoding="utf-8")
         with open(path, "a", encoding="utf-8"):  # fail here, not at the first record, when the file cannot be written
             pass
     except OSError:
