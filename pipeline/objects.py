@@ -151,6 +151,12 @@ def _truth_classes(labels: Raster, window: Window, spec: ObjectSpec) -> np.ndarr
     )
 
 
+def _shown_ids(keys: np.ndarray, keyed: bool) -> np.ndarray:
+    """The true ids users see: a component's id (its key), or an instance raster's own id (its key without the class)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    return keys // KEY_CLASSES if keyed else keys
+
+
 @dataclass(frozen=True)
 class _ChunkTruth:
     """What a chunk task needs to key its true segments: the merge's ids (components) or nothing (an instance raster's
@@ -159,10 +165,9 @@ class _ChunkTruth:
     ids: ChunkIds | None
     open: np.ndarray
 
-    def ids_of(self, keys: np.ndarray) -> np.ndarray:
-        """The ids users see: the component's id, or the instance raster's own id."""
-        keys = np.asarray(keys, dtype=np.int64)
-        return keys // KEY_CLASSES if self.ids is None else keys
+    @property
+    def keyed(self) -> bool:
+        return self.ids is None
 
 
 @dataclass(frozen=True)
@@ -191,11 +196,6 @@ class _Truth:
             return _ChunkTruth(None, self.merged.chunk_open[k])
         ids = self.merged.chunk_ids[k]
         return _ChunkTruth(ids, np.unique(ids.edge_ids))
-
-    def ids_of(self, keys: np.ndarray) -> np.ndarray:
-        """The ids users see: the component's id, or the instance raster's own id."""
-        keys = np.asarray(keys, dtype=np.int64)
-        return keys // KEY_CLASSES if self.keyed else keys
 
     def chunks_of(self, keys: np.ndarray) -> np.ndarray:
         """How many chunks hold each open true object's pixels."""
@@ -430,14 +430,14 @@ def _match_columns(matched: np.ndarray, best: np.ndarray, truth: _ChunkTruth | _
     """The objects table's match columns from the matched true keys (``NO_MATCH``: none) and best IoUs."""
     matched = np.asarray(matched, dtype=np.int64)
     hit = matched != NO_MATCH
-    return {"truth_id": np.where(hit, truth.ids_of(np.maximum(matched, 0)), -1), "iou": best, "matched": hit}
+    return {"truth_id": np.where(hit, _shown_ids(np.maximum(matched, 0), truth.keyed), -1), "iou": best, "matched": hit}
 
 
 def _miss_columns(truth: _ChunkTruth | _Truth, keys, classes, pixels, best, first, bbox, width: int, wkb: list,
                   bounds: np.ndarray) -> dict:
     """Rows of the object_misses table."""
     return {
-        "truth_id": truth.ids_of(keys), "class_index": classes, "pixels": pixels, "iou": best, "geometry": wkb,
+        "truth_id": _shown_ids(keys, truth.keyed), "class_index": classes, "pixels": pixels, "iou": best, "geometry": wkb,
         "bounds": bounds, **_box_columns(np.asarray(first, dtype=np.int64), bbox, width),
     }
 
