@@ -4,7 +4,10 @@ The tiles and scenes tables are GeoParquet 1.1 with one CRS for all rows:
 footprints (a chunk's, a scene's) reprojected to longitude/latitude with
 their edges densified, a ``bbox`` covering column, and each scene's own CRS
 and native footprint beside them, so scenes in different UTM zones share one
-geometry column that geopandas and DuckDB read with its CRS.
+geometry column that geopandas and DuckDB read with its CRS. A footprint that
+crosses the antimeridian is cut there into a MultiPolygon (RFC 7946 §3.1.9)
+and its bbox has xmin > xmax (RFC 7946 §5.2, which GeoParquet 1.1 follows for
+both the ``bbox`` covering column and the file's column ``bbox``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from workers.reader import SceneInfo
 __all__ = [
     "Footprint",
     "footprints",
+    "polygon_rings",
+    "lon_extent",
     "epsg_code",
     "tiles_table",
     "classes_table",
@@ -61,6 +66,127 @@ def _polygon_wkb(xs: np.ndarray, ys: np.ndarray) -> bytes:
     return struct.pack("<BIII", 1, 3, 1, len(ring)) + ring.tobytes()
 
 
+def _multipolygon_wkb(parts: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Closed rings, one polygon each, as a little-endian WKB multipolygon."""
+    return struct.pack("<BII", 1, 6, len(parts)) + b"".join(_polygon_wkb(x, y) for x, y in parts)
+
+
+def _signed_area(xs: np.ndarray, ys: np.ndarray) -> float:
+    """Twice the signed area of a closed ring (positive: counter-clockwise)."""
+    return float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
+
+
+def _cut_at(xs: np.ndarray, ys: np.ndarray, cut: float) -> list[tuple[bool, np.ndarray, np.ndarray]] | None:
+    """A simple closed ring cut by the line x = ``cut`` into closed rings, each on one side (None if it cannot be).
+
+    Each ring comes as (east of the line, the index in the input of each of its points or -1 where it meets the line,
+    and those points' y). The ring is walked into chains between its crossings of the line; along the line, the
+    polygon's inside is between the 1st and 2nd crossing (by y), the 3rd and 4th, and so on, so each chain's end is
+    joined to its partner there and on to the chain starting at that partner, until the ring closes. Rings keep the
+    input's orientation.
+    """
+    x, y = xs[:-1], ys[:-1]
+    n = len(x)
+    east = x > cut  # a point on the line counts as west
+    nxt = np.roll(np.arange(n), -1)
+    edges = np.flatnonzero(east != east[nxt])  # edge j runs from point j to point j + 1 and crosses the line
+    m = len(edges)
+    if m < 2 or m % 2:
+        return None
+    j1 = nxt[edges]
+    t = (cut - x[edges]) / (x[j1] - x[edges])
+    cy = y[edges] + t * (y[j1] - y[edges])  # where each crossing lies on the line
+    order = np.argsort(cy, kind="stable")
+    partner = np.empty(m, dtype=np.int64)
+    partner[order[0::2]], partner[order[1::2]] = order[1::2], order[0::2]
+    chains = []  # chain k: from crossing k along the ring to crossing k + 1, all on one side
+    for k in range(m):
+        a, b = edges[k], edges[(k + 1) % m]
+        idx = np.arange(a + 1, b + 1) if b > a else np.concatenate([np.arange(a + 1, n), np.arange(0, b + 1)])
+        chains.append((np.concatenate([[-1], idx, [-1]]), np.concatenate([[cy[k]], y[idx], [cy[(k + 1) % m]]])))
+    side = [bool(east[nxt[edges[k]]]) for k in range(m)]
+    used = [False] * m
+    rings = []
+    for k in range(m):
+        if used[k]:
+            continue
+        px, py, c = [], [], k
+        while not used[c]:
+            used[c] = True
+            px.append(chains[c][0])
+            py.append(chains[c][1])
+            c = partner[(c + 1) % m]  # the chain ends at crossing c + 1; along the line to its partner, where the next starts
+            if side[c] != side[k]:
+                return None
+        if c != k:
+            return None
+        ri, ry = np.concatenate(px), np.concatenate(py)
+        rx = np.where(ri < 0, cut, x[ri])
+        keep = np.ones(len(rx), dtype=bool)
+        keep[1:] = (rx[1:] != rx[:-1]) | (ry[1:] != ry[:-1])  # a vertex on the line meets its crossing twice
+        ri, rx, ry = ri[keep], rx[keep], ry[keep]
+        if len(rx) > 1 and rx[-1] == rx[0] and ry[-1] == ry[0]:
+            ri, rx, ry = ri[:-1], rx[:-1], ry[:-1]
+        if len(rx) < 3 or _signed_area(np.append(rx, rx[0]), np.append(ry, ry[0])) == 0:
+            continue  # a ring that only touches the line leaves nothing there
+        rings.append((side[k], np.append(ri, ri[0]), np.append(ry, ry[0])))
+    return sorted(rings, key=lambda r: r[0]) or None
+
+
+def _antimeridian(lon: np.ndarray, lat: np.ndarray) -> tuple[bytes, tuple[float, float, float, float]] | None:
+    """A lon/lat ring that crosses 180° as a MultiPolygon cut there, and its bbox with xmin > xmax (None: it does not).
+
+    Crossing is a step of more than 180° between neighbouring points of the densified ring. A ring that only touches
+    180° (some points at +180, the rest west of -170, say) becomes one polygon on the side it lies. A ring around a pole
+    (its unwrapped longitudes do not close), or one the cut cannot split (points exactly on 180° where the outline
+    touches itself), is left as it was.
+    """
+    if not (np.abs(np.diff(lon)) > 180).any():
+        return None
+    u = np.unwrap(lon, period=360.0)
+    if abs(u[-1] - u[0]) > 180:
+        return None
+    if u.min() >= 180:
+        u = u - 360.0
+    elif u.max() <= -180:
+        u = u + 360.0
+    if u.min() >= -180 and u.max() <= 180:  # it touches 180° but does not cross it: only points at ±180 move, exactly
+        x = lon + 360.0 * np.round((u - lon) / 360.0)
+        return _polygon_wkb(x, lat), (float(x.min()), float(lat.min()), float(x.max()), float(lat.max()))
+    if u.min() < -180:
+        u = u + 360.0  # the line crossed is now +180, the ring east of 0
+    rings = _cut_at(u, lat, 180.0)
+    if rings is None:
+        return None
+    parts = []
+    for east, ri, ry in rings:  # the input's own longitudes (not unwrapped and back: no rounding), on the part's side
+        lon_at = lon[np.maximum(ri, 0)]
+        rx = np.where(ri < 0, -180.0 if east else 180.0, np.where(lon_at > 0, lon_at - 360.0, lon_at) if east
+                      else np.where(lon_at < 0, lon_at + 360.0, lon_at))
+        if _signed_area(rx, ry) < 0:  # counter-clockwise, as the GeoParquet metadata says
+            rx, ry = rx[::-1], ry[::-1]
+        parts.append((east, rx, ry))
+    if len(parts) == 1:  # the rest of the ring only touched the line
+        (_, rx, ry), = parts
+        return _polygon_wkb(rx, ry), (float(rx.min()), float(ry.min()), float(rx.max()), float(ry.max()))
+    west = min(float(rx.min()) for east, rx, _ in parts if not east)
+    east_end = max(float(rx.max()) for east, rx, _ in parts if east)
+    return _multipolygon_wkb([(rx, ry) for _, rx, ry in parts]), (west, float(lat.min()), east_end, float(lat.max()))
+
+
+def polygon_rings(wkb: bytes) -> list[np.ndarray]:
+    """The outer rings ((n, 2) arrays) of a footprint's WKB: one for a Polygon, one per part of a MultiPolygon."""
+    kind, count = struct.unpack_from("<II", wkb, 1)
+    if kind == 3:
+        return [np.frombuffer(wkb, "<f8", 2 * struct.unpack_from("<I", wkb, 9)[0], 13).reshape(-1, 2)]
+    rings, at = [], 9
+    for _ in range(count):  # each part: a one-ring polygon, as _polygon_wkb writes it
+        n = struct.unpack_from("<I", wkb, at + 9)[0]
+        rings.append(np.frombuffer(wkb, "<f8", 2 * n, at + 13).reshape(-1, 2))
+        at += 13 + 16 * n
+    return rings
+
+
 def _ring(box: tuple[float, float, float, float], points: int) -> tuple[np.ndarray, np.ndarray]:
     """A box's outline, counter-clockwise from (minx, miny), ``points`` segments per edge, closed."""
     minx, miny, maxx, maxy = box
@@ -87,7 +213,8 @@ class Footprint:
 def footprints(info: SceneInfo, windows: list[Window], points: int = EDGE_POINTS) -> list[Footprint]:
     """Each window's outline in the scene CRS and, densified and reprojected, in lon/lat (one transform call).
 
-    A scene without a CRS, or whose CRS does not reach lon/lat, gets no lon/lat footprint.
+    A scene without a CRS, or whose CRS does not reach lon/lat, gets no lon/lat footprint. One that crosses the
+    antimeridian is cut there (a MultiPolygon, parts within [-180, 180]) and its bbox runs west > east (RFC 7946).
     """
     native = [_ring(info.bounds(w), 1) for w in windows]
     lonlat: list = [None] * len(windows)
@@ -113,6 +240,10 @@ def footprints(info: SceneInfo, windows: list[Window], points: int = EDGE_POINTS
             out.append(Footprint(_polygon_wkb(nx, ny), None, None))
         else:
             x, y = ll
+            cut = _antimeridian(x, y)
+            if cut is not None:
+                out.append(Footprint(_polygon_wkb(nx, ny), *cut))
+                continue
             box = (float(x.min()), float(y.min()), float(x.max()), float(y.max()))
             out.append(Footprint(_polygon_wkb(nx, ny), _polygon_wkb(x, y), box))
     return out
@@ -127,23 +258,55 @@ def epsg_code(crs_wkt: str | None) -> int | None:
     return CRS.from_wkt(crs_wkt).to_epsg()
 
 
-def _geo_metadata(boxes: list[tuple[float, float, float, float] | None]) -> bytes:
-    """GeoParquet 1.1 metadata of ``geometry``: lon/lat, so no ``crs`` key (the spec's default, OGC:CRS84)."""
+def lon_extent(boxes: np.ndarray) -> tuple[float, float]:
+    """West and east of the smallest longitude range holding every box (boxes with xmin > xmax cross 180°).
+
+    Without a crossing box, the plain min and max. With one, the complement of the widest gap between the boxes'
+    longitude ranges on the circle: west > east when that range crosses 180° (RFC 7946 §5.2).
+    """
+    west, east = boxes[:, 0], boxes[:, 2]
+    if not (west > east).any():
+        return float(west.min()), float(east.max())
+    spans = sorted([(w, e) for w, e in zip(west, east) if w <= e] + [(w, 180.0) for w, e in zip(west, east) if w > e]
+                   + [(-180.0, e) for w, e in zip(west, east) if w > e])
+    merged = [list(spans[0])]
+    for w, e in spans[1:]:
+        if w <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([w, e])
+    gaps = [(merged[i + 1][0] - merged[i][1], i) for i in range(len(merged) - 1)]
+    wrap = merged[0][0] + 360.0 - merged[-1][1]
+    if not gaps or max(gaps)[0] <= wrap:
+        return (-180.0, 180.0) if wrap <= 0 else (float(merged[0][0]), float(merged[-1][1]))
+    i = max(gaps)[1]
+    return float(merged[i + 1][0]), float(merged[i][1])
+
+
+def _geo_metadata(boxes: list[tuple[float, float, float, float] | None], multipart: bool = False) -> bytes:
+    """GeoParquet 1.1 metadata of ``geometry``: lon/lat, so no ``crs`` key (the spec's default, OGC:CRS84).
+
+    ``multipart``: some footprint is a MultiPolygon (cut at the antimeridian); the column's bbox then follows RFC 7946
+    §5.2 too (xmin > xmax when the footprints cross 180°), as GeoParquet 1.1 says for ``bbox`` and bbox columns.
+    """
     column = {
         "encoding": "WKB",
-        "geometry_types": ["Polygon"],
+        "geometry_types": ["MultiPolygon", "Polygon"] if multipart else ["Polygon"],
         "orientation": "counterclockwise",
         "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
     }
     known = [b for b in boxes if b is not None]
     if known:
         b = np.asarray(known)
-        column["bbox"] = [float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())]
+        west, east = lon_extent(b)
+        column["bbox"] = [west, float(b[:, 1].min()), east, float(b[:, 3].max())]
     return json.dumps({"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}).encode()
 
 
-def _with_geo(table: pa.Table, boxes: list) -> pa.Table:
-    return table.replace_schema_metadata({**table.schema.metadata, b"geo": _geo_metadata(boxes)})
+def _with_geo(table: pa.Table, feet: list[Footprint | None]) -> pa.Table:
+    boxes = [f.bbox if f else None for f in feet]
+    multipart = any(f is not None and f.lonlat is not None and f.lonlat[1] == 6 for f in feet)  # WKB type 6: MultiPolygon
+    return table.replace_schema_metadata({**table.schema.metadata, b"geo": _geo_metadata(boxes, multipart)})
 
 
 def tiles_table(scene: str, grid: ChunkGrid, info: SceneInfo, counts: ChunkCounts) -> pa.Table:
@@ -180,7 +343,7 @@ def tiles_table(scene: str, grid: ChunkGrid, info: SceneInfo, counts: ChunkCount
             b = boundary_iou(counts.boundary[r, c])
             row.update(boundary_iou=_list(b), mean_boundary_iou=_num(float(np.nanmean(b)) if np.isfinite(b).any() else float("nan")))
         rows.append(row)
-    return _with_geo(pa.Table.from_pylist(rows, schema=TILES), [f.bbox for f in feet])
+    return _with_geo(pa.Table.from_pylist(rows, schema=TILES), feet)
 
 
 def classes_table(scene: str, class_names: list[str], scores: SceneScores | None, predicted: np.ndarray) -> pa.Table:
@@ -229,7 +392,7 @@ def scenes_table(row: dict, scores: SceneScores | None, info: SceneInfo | None =
         row["mean_boundary_iou"] = _num(scores.mean_boundary_iou)
         row["mean_average_precision"] = _num(scores.mean_average_precision)
         row["trimap_miou"] = _list(scores.trimap_miou)
-    return _with_geo(pa.Table.from_pylist([row], schema=SCENES), [foot.bbox if foot else None])
+    return _with_geo(pa.Table.from_pylist([row], schema=SCENES), [foot])
 
 
 def curves_table(scene: str, class_names: list[str], scores: SceneScores | None) -> pa.Table:

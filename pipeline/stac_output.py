@@ -3,7 +3,8 @@
 ``OUT/stac/items/<scene>.json`` describes one scene's mask (STAC 1.1.0):
 
 - geometry and bbox: the raster's footprint in EPSG:4326 (edges densified, so
-  a UTM footprint stays true), none for a mask without a CRS;
+  a UTM footprint stays true; cut into a MultiPolygon at the antimeridian,
+  bbox west > east there, as RFC 7946 says), none for a mask without a CRS;
 - the projection extension (v2.0.0): ``proj:code``, ``proj:wkt2``,
   ``proj:shape``, ``proj:transform``, ``proj:bbox`` in the mask's own CRS;
 - the classification extension (v1.1.0) on each raster asset: every class's
@@ -25,6 +26,8 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
 
 from pipeline.core.geometry import Window
 from pipeline.palette import class_colours, colour_hex
@@ -74,10 +77,9 @@ def _footprint(mask: MaskStore) -> tuple[dict | None, list[float] | None, list[f
     """The mask's outline as a GeoJSON polygon in lon/lat and its bbox (None without a usable CRS), and its own-CRS bbox.
 
     The outline is the reports' (`pipeline.report_tables.footprints`: densified, reprojected), so both say one place.
+    One that crosses the antimeridian is a MultiPolygon cut there and its bbox runs west > east (RFC 7946 §3.1.9, §5.2).
     """
-    import numpy as np
-
-    from pipeline.report_tables import footprints
+    from pipeline.report_tables import footprints, polygon_rings
 
     h, w = mask.array.shape
     info = SceneInfo(str(mask.path), h, w, 1, "uint8", mask.crs.to_wkt() if mask.crs else None, tuple(mask.transform), None)
@@ -86,12 +88,18 @@ def _footprint(mask: MaskStore) -> tuple[dict | None, list[float] | None, list[f
     foot = footprints(info, [whole])[0]
     if foot.lonlat is None:
         return None, None, proj_bbox
-    xy = np.frombuffer(foot.lonlat, dtype="<f8", offset=13).reshape(-1, 2)  # WKB polygon, one ring: 13 header bytes
-    ring = [[round(float(x), 9), round(float(y), 9)] for x, y in xy]
-    area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
-    if area < 0:  # GeoJSON's exterior rings run counterclockwise (RFC 7946)
-        ring.reverse()
-    return {"type": "Polygon", "coordinates": [ring]}, [float(v) for v in foot.bbox], proj_bbox
+    polygons = []
+    for xy in polygon_rings(foot.lonlat):
+        ring = [[round(float(x), 9), round(float(y), 9)] for x, y in xy]
+        area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+        if area < 0:  # GeoJSON's exterior rings run counterclockwise (RFC 7946)
+            ring.reverse()
+        polygons.append([ring])
+    if len(polygons) == 1:
+        geometry = {"type": "Polygon", "coordinates": polygons[0]}
+    else:  # cut at the antimeridian
+        geometry = {"type": "MultiPolygon", "coordinates": polygons}
+    return geometry, [float(v) for v in foot.bbox], proj_bbox
 
 
 def _scene_row(layout: OutputLayout, job_id: str, scene: str) -> dict:
@@ -221,7 +229,12 @@ def write_collection(layout: OutputLayout) -> Path | None:
         return None
     job_id = items[0][1].get("properties", {}).get("satseg:job_id", "job")
     boxes = [item["bbox"] for _, item in items if item.get("bbox")]
-    spatial = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)] if boxes else [-180.0, -90.0, 180.0, 90.0]
+    spatial = [-180.0, -90.0, 180.0, 90.0]
+    if boxes:  # west > east when the items together cross 180° (RFC 7946 §5.2), as an item's own bbox does
+        from pipeline.report_tables import lon_extent
+
+        west, east = lon_extent(np.asarray(boxes, dtype=np.float64))
+        spatial = [west, min(b[1] for b in boxes), east, max(b[3] for b in boxes)]
     times = sorted(item["properties"]["datetime"] for _, item in items)
     folder = layout.stac_collection.parent
     links = [{"rel": "root", "href": "./collection.json", "type": "application/json"}]

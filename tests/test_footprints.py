@@ -206,3 +206,181 @@ def test_bounds_of_a_rotated_grid_cover_all_four_corners():
     # north up: the two opposite corners alone, as before
     north = SceneInfo("y", 10, 20, 1, "uint8", None, (0.5, 0, 100, 0, -0.5, 200), None)
     assert north.bounds(Window(2, 4, 3, 6)) == (102.0, 197.5, 105.0, 199.0)
+
+
+# ---- the antimeridian: footprints that cross 180° are cut there (RFC 7946 §3.1.9, §5.2) ---------------------------
+
+ACROSS = {"utm60n": 32660, "utm1n": 32601, "pacific_mercator": 3832}
+
+
+def _scene_across(folder, name: str, epsg: int, lat: float = 50.0, size: int = 200, res: float = 500.0):
+    """A real GeoTIFF straddling 180° (about 179.3°E to 179.3°W at ``lat``), off-centre so the cut is not symmetric."""
+    from types import SimpleNamespace
+
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("OGC:CRS84", f"EPSG:{epsg}", always_xy=True).transform(180.0, lat)
+    transform = rasterio.Affine(res, 0, x - 0.4 * size * res, 0, -res, y + 0.5 * size * res)
+    path = folder / f"{name}.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=size, width=size, count=1, dtype="uint8", crs=f"EPSG:{epsg}",
+                       transform=transform) as dst:
+        dst.write(np.zeros((1, size, size), np.uint8))
+    return SimpleNamespace(image=path)
+
+
+def _parts(wkb: bytes) -> list[np.ndarray]:
+    """The outer rings of a WKB Polygon or MultiPolygon, parsed here from the bytes (not by the code under test)."""
+    kind = struct.unpack_from("<I", wkb, 1)[0]
+    if kind == 3:
+        return [_ring(wkb)]
+    assert kind == 6 and wkb[0] == 1
+    rings, at = [], 9
+    for _ in range(struct.unpack_from("<I", wkb, 5)[0]):
+        assert struct.unpack_from("<BII", wkb, at) == (1, 3, 1)
+        rings.append(_ring(wkb[at:]))
+        at += 13 + 16 * len(rings[-1])
+    assert at == len(wkb)
+    return rings
+
+
+def _old_lonlat(info: SceneInfo, window: Window, points: int = 16) -> tuple[bytes, tuple]:
+    """The lon/lat footprint as satseg wrote it before the antimeridian cut: the densified ring reprojected, as is."""
+    from rasterio.warp import transform
+
+    minx, miny, maxx, maxy = info.bounds(window)
+    t = np.arange(points) / points
+    xs = np.concatenate([minx + (maxx - minx) * t, np.full(points, maxx), maxx - (maxx - minx) * t, np.full(points, minx)])
+    ys = np.concatenate([np.full(points, miny), miny + (maxy - miny) * t, np.full(points, maxy), maxy - (maxy - miny) * t])
+    lon, lat = (np.asarray(v) for v in transform(info.crs, "OGC:CRS84", np.append(xs, xs[0]), np.append(ys, ys[0])))
+    ring = np.stack([lon, lat], axis=1).astype("<f8")
+    return struct.pack("<BIII", 1, 3, 1, len(ring)) + ring.tobytes(), (lon.min(), lat.min(), lon.max(), lat.max())
+
+
+@pytest.mark.parametrize("name", ACROSS)
+def test_a_scene_across_the_antimeridian_is_cut_in_two(tmp_path, name):
+    import shapely
+    from pyproj import Geod
+
+    info = open_scene(_scene_across(tmp_path, name, ACROSS[name]).image)
+    whole = Window(0, 0, info.height, info.width)
+    foot = footprints(info, [whole])[0]
+    old, _ = _old_lonlat(info, whole)
+    assert _ring(old)[:, 0].min() < -179 and _ring(old)[:, 0].max() > 179  # what it was: a ring around the globe
+    parts = _parts(foot.lonlat)
+    assert struct.unpack_from("<I", foot.lonlat, 1)[0] == 6 and len(parts) == 2
+    east, west = sorted(parts, key=lambda r: -r[:, 0].max())  # east of 0 (up to +180) first
+    assert east[:, 0].max() == 180.0 and 179 < east[:, 0].min() and west[:, 0].min() == -180.0 and west[:, 0].max() < -179
+    assert all(np.array_equal(r[0], r[-1]) and shapely.Polygon(r).is_valid and shapely.Polygon(r).exterior.is_ccw for r in parts)
+    # the two parts, the western one moved by 360°, are the whole outline unwrapped: nothing lost, nothing added
+    unwrapped = _ring(old).copy()
+    unwrapped[:, 0] = np.unwrap(unwrapped[:, 0], period=360.0) % 360.0
+    whole_poly = shapely.Polygon(unwrapped)
+    moved = shapely.union_all([shapely.Polygon(east), shapely.Polygon(west + [360.0, 0.0])])
+    assert moved.geom_type == "Polygon" and moved.symmetric_difference(whole_poly).area < 1e-12 * whole_poly.area + 1e-15
+    geod = Geod(ellps="WGS84")
+    area = sum(abs(geod.geometry_area_perimeter(shapely.Polygon(r))[0]) for r in parts)
+    whole_area = abs(geod.geometry_area_perimeter(whole_poly)[0])
+    assert area == pytest.approx(whole_area, rel=1e-6)  # geodesic edges: the cut bends them a hair
+    # bbox: west > east (RFC 7946 §5.2), as GDAL's own antimeridian-aware bounds say
+    xmin, ymin, xmax, ymax = foot.bbox
+    assert xmin > xmax and xmin == east[:, 0].min() and xmax == west[:, 0].max()
+    assert (ymin, ymax) == (min(r[:, 1].min() for r in parts), max(r[:, 1].max() for r in parts))
+    assert foot.bbox == pytest.approx(transform_bounds(info.crs, "OGC:CRS84", *info.bounds(whole), densify_pts=15), abs=1e-6)
+
+
+def test_tiles_and_scenes_across_the_antimeridian(tmp_path):
+    """Chunks on either side stay Polygons, the ones over 180° are cut; the GeoParquet metadata, geopandas and DuckDB agree."""
+    geopandas = pytest.importorskip("geopandas")
+    import shapely
+
+    layout = _write_reports(tmp_path, {"across": _scene_across(tmp_path, "across", 32660)})
+    table = pq.read_table(layout.report_file("tiles", "j1", "across"))
+    rows = table.to_pylist()
+    kinds = [struct.unpack_from("<I", r["geometry"], 1)[0] for r in rows]
+    assert kinds.count(6) == 4 and kinds.count(3) == 12  # a 4 x 4 grid of chunks, one column of them over 180°
+    for r, kind in zip(rows, kinds):
+        rings = _parts(r["geometry"])
+        assert all(-180 <= ring[:, 0].min() and ring[:, 0].max() <= 180 for ring in rings)
+        b = r["bbox"]
+        assert (b["xmin"] > b["xmax"]) == (kind == 6)
+    geo = json.loads(table.schema.metadata[b"geo"])["columns"]["geometry"]
+    assert geo["geometry_types"] == ["MultiPolygon", "Polygon"]
+    west, south, east, north = geo["bbox"]
+    assert west > east and 179 < west < 180 and -180 < east < -179
+    scene = pq.read_table(layout.report_file("scenes", "j1", "across")).to_pylist()[0]
+    assert geo["bbox"] == pytest.approx([scene["bbox"][k] for k in ("xmin", "ymin", "xmax", "ymax")], abs=1e-9)
+    tiles = geopandas.read_parquet(layout.reports / "tiles")
+    assert set(tiles.geom_type) == {"Polygon", "MultiPolygon"}
+    scenes = geopandas.read_parquet(layout.reports / "scenes")
+    assert scenes.geometry.iloc[0].geom_type == "MultiPolygon"
+    assert scenes.geometry.iloc[0].area == pytest.approx(shapely.union_all(list(tiles.geometry)).area, rel=1e-4)
+    # satseg query: DuckDB reads the MultiPolygons; the covering says which rows cross
+    _, rows = run_query(layout.root, "SELECT ST_AsText(geometry) FROM scenes")[:2]
+    text = rows[0][0]
+    assert text.startswith("MULTIPOLYGON (((") and "), ((" in text and "(180 " in text and " -180 " in text
+    _, rows = run_query(layout.root, "SELECT count(*) FROM tiles WHERE bbox.xmin > bbox.xmax")[:2]
+    assert rows == [(4,)]
+
+
+def test_the_stac_item_of_a_scene_across_the_antimeridian_validates(tmp_path):
+    from pystac.validation import validate_dict
+
+    from pipeline.stac_output import write_stac
+    from tests.test_outputs_explain import _validator
+    from workers.mask_store import create_mask_store, mark_complete, write_mask_chunk
+
+    info = open_scene(_scene_across(tmp_path, "across", 32601).image)
+    layout = OutputLayout(tmp_path / "out")
+    layout.masks.mkdir(parents=True)
+    layout.job_file.write_text(json.dumps({"job_id": "am"}))
+    create_mask_store(layout.mask_store("across"), info, 64, class_names=["a", "b"], job_id="am")
+    whole = Window(0, 0, info.height, info.width)
+    write_mask_chunk(layout.mask_store("across"), whole, np.zeros((info.height, info.width), np.uint8))
+    mark_complete(layout.mask_store("across"))
+    assert write_stac(layout, ["across"]) == [layout.stac_item("across")]
+    item = json.loads(layout.stac_item("across").read_text())
+    validator = _validator()
+    validate_dict(item, validator=validator)
+    validate_dict(json.loads(layout.stac_collection.read_text()), validator=validator)
+    geometry, bbox = item["geometry"], item["bbox"]
+    assert geometry["type"] == "MultiPolygon" and len(geometry["coordinates"]) == 2
+    for (ring,) in geometry["coordinates"]:
+        xs = [p[0] for p in ring]
+        assert ring[0] == ring[-1] and -180 <= min(xs) and max(xs) <= 180 and 180.0 in map(abs, xs)
+        assert sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(ring, ring[1:])) > 0  # counterclockwise
+    assert bbox[0] > bbox[2] and 179 < bbox[0] < 180 and -180 < bbox[2] < -179  # west > east (RFC 7946 §5.2)
+    assert bbox == pytest.approx(list(footprints(info, [whole])[0].bbox), abs=1e-12)
+    extent = json.loads(layout.stac_collection.read_text())["extent"]["spatial"]["bbox"][0]
+    assert extent == bbox  # the collection's extent crosses 180° with its item
+    from pipeline.report_tables import lon_extent
+
+    east_of_it = np.array([bbox, [-170.0, bbox[1], -169.0, bbox[3]]])  # and with an item further east: still crossing
+    assert lon_extent(east_of_it) == (bbox[0], -169.0)
+
+
+def test_footprints_that_do_not_cross_keep_their_bytes(two_zones, tmp_path):
+    """Scenes away from 180° (and chunks of them): the same WKB and bbox as before the cut existed."""
+    for scene in two_zones.values():
+        info = open_scene(scene.image)
+        grid = ChunkGrid(info.height, info.width, CHUNK)
+        windows = [Window(0, 0, info.height, info.width), *(grid.window(r, c) for r, c in grid)]
+        for window, foot in zip(windows, footprints(info, windows)):
+            old, box = _old_lonlat(info, window)
+            assert foot.lonlat == old and foot.bbox == tuple(float(v) for v in box)
+    layout = _write_reports(tmp_path, two_zones)
+    geo = json.loads(pq.read_schema(layout.report_file("tiles", "j1", "west")).metadata[b"geo"])["columns"]["geometry"]
+    assert geo["geometry_types"] == ["Polygon"] and geo["bbox"][0] < geo["bbox"][2]
+
+
+def test_a_footprint_that_only_touches_180_is_one_polygon():
+    """Chunk edges on 180° itself: points at +180 beside points at -179.x are not a crossing, just one side."""
+    from pipeline.report_tables import _antimeridian, lon_extent
+
+    lon = np.array([180.0, -179.5, -179.5, 180.0, 180.0])
+    lat = np.array([0.0, 0.0, 1.0, 1.0, 0.0])
+    wkb, box = _antimeridian(lon, lat)
+    assert _parts(wkb)[0].tolist() == [[-180, 0], [-179.5, 0], [-179.5, 1], [-180, 1], [-180, 0]] and box == (-180, 0, -179.5, 1)
+    assert _antimeridian(np.array([10.0, 11.0, 11.0, 10.0, 10.0]), lat) is None
+    # the file's bbox over boxes some of which cross: the smallest range holding them all
+    assert lon_extent(np.array([[179.0, 0, -179.0, 1], [178.5, 0, 179.5, 1], [-179.9, 0, -178.0, 1]])) == (178.5, -178.0)
+    assert lon_extent(np.array([[10.0, 0, 11.0, 1], [-20.0, 0, 12.0, 1]])) == (-20.0, 12.0)
