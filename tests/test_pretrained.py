@@ -159,8 +159,9 @@ def mmseg_fcn_hrnet(variant: str, classes: int, scale: float = 1.0) -> Shapes:
 
 
 def resnet(depth: int, stem: str = "7x7", scale: float = 1.0, prefix: str = "", avg_down: bool = False) -> Shapes:
-    """torchvision / timm / mmseg ResNet trunks: stem 7x7 (conv1, bn1), timm 'deep' (conv1.0/1/3/4/6 + bn1) or
-    mmseg ResNetV1c (stem.0/1/3/4/6/7), then layer1-4 of bottlenecks."""
+    """torchvision / timm / mmseg / hszhao ResNet trunks: stem 7x7 (conv1, bn1), timm 'deep' (conv1.0/1/3/4/6 +
+    bn1), mmseg ResNetV1c (stem.0/1/3/4/6/7; both 32, 32, 64), semseg's deep base (conv1-3 and bn1-3 of 64, 64, 128;
+    its PSPNet's layer0.0/1/3/4/6/7), then layer1-4 of bottlenecks (ResNet-18: basic blocks, 2 a layer)."""
     w = lambda c: scale_channels(c, scale)  # noqa: E731
     out: Shapes = {}
     width = w(64)
@@ -168,25 +169,30 @@ def resnet(depth: int, stem: str = "7x7", scale: float = 1.0, prefix: str = "", 
         _conv(out, f"{prefix}conv1", width, 3, 7)
         _bn(out, f"{prefix}bn1", width)
     else:
-        names = ("conv1.0", "conv1.1", "conv1.3", "conv1.4", "conv1.6", "bn1") if stem == "timm_deep" else \
-            ("stem.0", "stem.1", "stem.3", "stem.4", "stem.6", "stem.7")
+        names = {"timm_deep": ("conv1.0", "conv1.1", "conv1.3", "conv1.4", "conv1.6", "bn1"),
+                 "mmseg_deep": ("stem.0", "stem.1", "stem.3", "stem.4", "stem.6", "stem.7"),
+                 "deep_base": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),
+                 "semseg_layer0": ("layer0.0", "layer0.1", "layer0.3", "layer0.4", "layer0.6", "layer0.7")}[stem]
         half = width // 2
+        if stem in ("deep_base", "semseg_layer0"):
+            half, width = w(64), w(128)
         _conv(out, prefix + names[0], half, 3, 3)
         _bn(out, prefix + names[1], half)
         _conv(out, prefix + names[2], half, half, 3)
         _bn(out, prefix + names[3], half)
         _conv(out, prefix + names[4], width, half, 3)
         _bn(out, prefix + names[5], width)
-    layers = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    block, layers = {18: (_basic, (2, 2, 2, 2)), 50: (_bottleneck, (3, 4, 6, 3)),
+                     101: (_bottleneck, (3, 4, 23, 3))}[depth]
     inp = width
     for i, (blocks, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
-        inp = _layer(out, f"{prefix}layer{i + 1}", _bottleneck, inp, w(planes), blocks, 1 if i == 0 else 2, avg_down)
+        inp = _layer(out, f"{prefix}layer{i + 1}", block, inp, w(planes), blocks, 1 if i == 0 else 2, avg_down)
     return out
 
 
 def imagenet_resnet(depth: int, stem: str = "7x7", scale: float = 1.0, avg_down: bool = False) -> Shapes:
     out = resnet(depth, stem, scale, avg_down=avg_down)
-    out["fc.weight"], out["fc.bias"] = (1000, 2048), (1000,)
+    out["fc.weight"], out["fc.bias"] = (1000, 512 if depth == 18 else 2048), (1000,)
     return out
 
 
@@ -223,6 +229,104 @@ def mmseg_deeplabv3plus(depth: int, classes: int, scale: float = 1.0, aux: bool 
         _conv(out, "auxiliary_head.convs.0.conv", w(256), w(256) * 4, 3)
         _bn(out, "auxiliary_head.convs.0.bn", w(256))
         _conv(out, "auxiliary_head.conv_seg", classes, w(256), 1, bias=True)
+    return out
+
+
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]  # cfgs["D"]
+
+
+def vgg16(batch_norm: bool, scale: float = 1.0, timm: bool = False, counters: bool = True) -> Shapes:
+    """torchvision's VGG (make_layers: Conv2d(3x3, bias), [BatchNorm2d], ReLU per width, MaxPool2d per 'M';
+    classifier = Linear(512*7*7, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU, Dropout, Linear(4096, 1000)), or
+    timm's (the same features; ConvMlp pre_logits.fc1 7x7 / fc2 1x1 convs, head.fc)."""
+    w = lambda c: scale_channels(c, scale)  # noqa: E731
+    out: Shapes = {}
+    index, cin = 0, 3
+    for v in VGG16_CFG:
+        if v == "M":
+            index += 1
+            continue
+        _conv(out, f"features.{index}", w(v), cin, 3, bias=True)
+        if batch_norm:
+            _bn(out, f"features.{index + 1}", w(v))
+            if not counters:
+                del out[f"features.{index + 1}.num_batches_tracked"]
+        index, cin = index + (3 if batch_norm else 2), w(v)
+    fc = w(4096)
+    if timm:
+        _conv(out, "pre_logits.fc1", fc, cin, 7, bias=True)
+        _conv(out, "pre_logits.fc2", fc, fc, 1, bias=True)
+        out["head.fc.weight"], out["head.fc.bias"] = (1000, fc), (1000,)
+    else:
+        for i, (o, n) in ((0, (fc, cin * 7 * 7)), (3, (fc, fc)), (6, (1000, fc))):
+            out[f"classifier.{i}.weight"], out[f"classifier.{i}.bias"] = (o, n), (o,)
+    return out
+
+
+def mmseg_pspnet(depth: int, classes: int, scale: float = 1.0, aux: bool = True, stem: str = "mmseg_deep") -> Shapes:
+    """pspnet_r50-d8: ResNetV1c, PSPHead(channels 512, pool_scales 1/2/3/6: psp_modules.K = [AdaptiveAvgPool2d,
+    ConvModule 1x1], bottleneck ConvModule 3x3, conv_seg), FCNHead(1024 -> 256) as auxiliary head; pspnet_r50b-d8
+    swaps in mmseg's ResNet (stem "7x7": conv1, bn1)."""
+    w = lambda c: scale_channels(c, scale)  # noqa: E731
+    out = resnet(depth, stem, scale, prefix="backbone.")
+    in_ch, ch = w(512) * 4, w(512)
+    for k in range(4):
+        _conv(out, f"decode_head.psp_modules.{k}.1.conv", ch, in_ch, 1)
+        _bn(out, f"decode_head.psp_modules.{k}.1.bn", ch)
+    _conv(out, "decode_head.bottleneck.conv", ch, in_ch + 4 * ch, 3)
+    _bn(out, "decode_head.bottleneck.bn", ch)
+    _conv(out, "decode_head.conv_seg", classes, ch, 1, bias=True)
+    if aux:
+        _conv(out, "auxiliary_head.convs.0.conv", w(256), w(256) * 4, 3)
+        _bn(out, "auxiliary_head.convs.0.bn", w(256))
+        _conv(out, "auxiliary_head.conv_seg", classes, w(256), 1, bias=True)
+    return out
+
+
+def semseg_pspnet(depth: int, classes: int, scale: float = 1.0, aux: bool = True) -> Shapes:
+    """hszhao/semseg PSPNet: layer0 = (conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool) of the deep-base
+    ResNet, layer1-4, ppm.features.K = (AdaptiveAvgPool2d, Conv2d 1x1 no bias, BatchNorm2d, ReLU), cls = (Conv2d 3x3
+    4096 -> 512 no bias, BatchNorm2d, ReLU, Dropout2d, Conv2d 1x1), aux = the same on layer3 (1024 -> 256)."""
+    w = lambda c: scale_channels(c, scale)  # noqa: E731
+    out = resnet(depth, "semseg_layer0", scale)
+    in_ch = w(512) * 4
+    for k in range(4):
+        _conv(out, f"ppm.features.{k}.1", in_ch // 4, in_ch, 1)
+        _bn(out, f"ppm.features.{k}.2", in_ch // 4)
+    _conv(out, "cls.0", w(512), in_ch * 2, 3)
+    _bn(out, "cls.1", w(512))
+    _conv(out, "cls.4", classes, w(512), 1, bias=True)
+    if aux:
+        _conv(out, "aux.0", w(256), w(256) * 4, 3)
+        _bn(out, "aux.1", w(256))
+        _conv(out, "aux.4", classes, w(256), 1, bias=True)
+    return out
+
+
+def torchvision_deeplabv3(depth: int, classes: int, scale: float = 1.0, aux: bool = True) -> Shapes:
+    """torchvision deeplabv3_resnet50/101: IntermediateLayerGetter(resnet) as backbone (conv1 ... layer4, no fc),
+    classifier = DeepLabHead = (ASPP(convs: 1x1 Sequential(conv, BN, ReLU), three ASPPConv(conv, BN, ReLU),
+    ASPPPooling(pool, conv, BN, ReLU); project: conv, BN, ReLU, Dropout), Conv2d 3x3, BN, ReLU, Conv2d 1x1),
+    aux_classifier = FCNHead(1024, classes) = (Conv2d 3x3 -> 256, BN, ReLU, Dropout, Conv2d 1x1)."""
+    w = lambda c: scale_channels(c, scale)  # noqa: E731
+    out = resnet(depth, "7x7", scale, prefix="backbone.")
+    in_ch, ch = w(512) * 4, w(256)
+    p = "classifier.0."
+    for i in range(4):
+        _conv(out, f"{p}convs.{i}.0", ch, in_ch, 1 if i == 0 else 3)
+        _bn(out, f"{p}convs.{i}.1", ch)
+    _conv(out, f"{p}convs.4.1", ch, in_ch, 1)
+    _bn(out, f"{p}convs.4.2", ch)
+    _conv(out, f"{p}project.0", ch, 5 * ch, 1)
+    _bn(out, f"{p}project.1", ch)
+    _conv(out, "classifier.1", ch, ch, 3)
+    _bn(out, "classifier.2", ch)
+    _conv(out, "classifier.4", classes, ch, 1, bias=True)
+    if aux:
+        mid = (w(256) * 4) // 4
+        _conv(out, "aux_classifier.0", mid, w(256) * 4, 3)
+        _bn(out, "aux_classifier.1", mid)
+        _conv(out, "aux_classifier.4", classes, mid, 1, bias=True)
     return out
 
 
@@ -295,12 +399,98 @@ def expect_mmseg_deeplab(source) -> dict[str, str]:
     return out
 
 
-def assert_loaded(model, fresh, source, expected, report, first_conv=None, adapted=None, allowed_left=()):
-    """Every expected tensor is in its place (the first conv as adapted); everything else is the model's own
-    initialisation and allowed to be; the report counts exactly the expected tensors."""
+# torchvision make_layers index of each conv of cfgs["D"] -> (stage, position) in our stages, counted by hand
+VGG16_CONVS = {0: (0, 0), 2: (0, 2), 5: (1, 0), 7: (1, 2), 10: (2, 0), 12: (2, 2), 14: (2, 4), 17: (3, 0), 19: (3, 2),
+               21: (3, 4), 24: (4, 0), 26: (4, 2), 28: (4, 4)}  # conv, ReLU per width; a pool after each stage
+VGG16_BN_CONVS = {0: (0, 0), 3: (0, 3), 7: (1, 0), 10: (1, 3), 14: (2, 0), 17: (2, 3), 20: (2, 6), 24: (3, 0),
+                  27: (3, 3), 30: (3, 6), 34: (4, 0), 37: (4, 3), 40: (4, 6)}  # conv, BN, ReLU; BN at conv + 1
+
+
+def expect_vgg(source, batch_norm: bool) -> dict[str, str]:
+    out = {}
+    for k in source:
+        parts = k.split(".")
+        if parts[0] == "features":
+            index = int(parts[1])
+            if batch_norm:
+                conv = index if index in VGG16_BN_CONVS else index - 1
+                stage, position = VGG16_BN_CONVS[conv]
+                out[k] = f"encoder.{stage}.{position + index - conv}.{parts[2]}"
+            else:
+                stage, position = VGG16_CONVS[index]
+                out[k] = f"features.{stage}.{position}.{parts[2]}"
+        elif not batch_norm and parts[:2] in (["classifier", "0"], ["pre_logits", "fc1"]):
+            out[k] = f"fc6.0.{parts[2]}"
+        elif not batch_norm and parts[:2] in (["classifier", "3"], ["pre_logits", "fc2"]):
+            out[k] = f"fc7.0.{parts[2]}"
+    return out
+
+
+def expect_deep_base(source) -> dict[str, str]:
+    """hszhao's conv1-3/bn1-3 (or PSPNet's layer0.0/1/3/4/6/7) -> our stem.0/1/3/4/6/7; layers as named."""
+    stem = {"conv1.": "stem.0.", "bn1.": "stem.1.", "conv2.": "stem.3.", "bn2.": "stem.4.", "conv3.": "stem.6.",
+            "bn3.": "stem.7."} | {f"layer0.{i}.": f"stem.{i}." for i in (0, 1, 3, 4, 6, 7)}
+    out = {}
+    for k in source:
+        module = next((m for m in stem if k.startswith(m)), None)
+        if module:
+            out[k] = "backbone." + stem[module] + k[len(module):]
+        elif k.startswith(("layer1.", "layer2.", "layer3.", "layer4.")):
+            out[k] = "backbone." + k
+    return out
+
+
+def expect_semseg_pspnet(source) -> dict[str, str]:
+    out = expect_deep_base(source)
+    table = {"cls.0.": "bottleneck.0.", "cls.1.": "bottleneck.1.", "cls.4.": "classifier."}
+    table |= {f"ppm.features.{i}.1.": f"ppm.stages.{i}.0." for i in range(4)}
+    table |= {f"ppm.features.{i}.2.": f"ppm.stages.{i}.1." for i in range(4)}
+    for k in source:
+        module = next((m for m in table if k.startswith(m)), None)
+        if module:
+            out[k] = table[module] + k[len(module):]
+    return out
+
+
+def expect_mmseg_pspnet(source) -> dict[str, str]:
+    table = {"bottleneck.conv": "bottleneck.0", "bottleneck.bn": "bottleneck.1", "conv_seg": "classifier"}
+    table |= {f"psp_modules.{i}.1.conv": f"ppm.stages.{i}.0" for i in range(4)}
+    table |= {f"psp_modules.{i}.1.bn": f"ppm.stages.{i}.1" for i in range(4)}
+    out = {}
+    for k in source:
+        if k.startswith("backbone."):
+            out[k] = k
+        elif k.startswith("decode_head."):
+            module, param = k[len("decode_head."):].rsplit(".", 1)
+            out[k] = f"{table[module]}.{param}"
+    return out
+
+
+def expect_torchvision_deeplabv3(source) -> dict[str, str]:
+    table = {f"classifier.0.convs.{i}.{j}.": f"aspp.branches.{i}.{j}." for i in range(4) for j in (0, 1)}
+    table |= {"classifier.0.convs.4.1.": "aspp.pooling.conv.0.", "classifier.0.convs.4.2.": "aspp.pooling.conv.1.",
+              "classifier.0.project.0.": "aspp.project.0.", "classifier.0.project.1.": "aspp.project.1.",
+              "classifier.1.": "head.0.", "classifier.2.": "head.1.", "classifier.4.": "classifier."}
+    out = {}
+    for k in source:
+        if k.startswith("backbone."):
+            out[k] = k
+        elif not k.startswith("aux_classifier."):
+            module = next(m for m in table if k.startswith(m))
+            out[k] = table[module] + k[len(module):]
+    return out
+
+
+def assert_loaded(model, fresh, source, expected, report, first_conv=None, adapted=None, allowed_left=(),
+                  reshaped=()):
+    """Every expected tensor is in its place (the first conv as adapted, ``reshaped`` ones viewed as our shape);
+    everything else is the model's own initialisation and allowed to be; the report counts exactly the expected
+    tensors."""
     state = model.state_dict()
     for src, dst in expected.items():
         want = adapted if dst == first_conv else source[src]
+        if dst in reshaped:
+            want = want.reshape(state[dst].shape)
         assert torch.equal(state[dst], want.to(state[dst].dtype)), (src, dst)
     placed = set(expected.values())
     for key, tensor in state.items():
@@ -455,6 +645,155 @@ def test_full_size_mmseg_deeplabv3plus_and_torchvision_resnets_map_every_tensor_
         assert all(conversion.tensors[dst].shape == source[src].shape == target[dst].shape for src, dst in mapping.items())
 
 
+# --- FCN and SegNet (VGG-16), LinkNet (ResNet-18) ---------------------------------------------------------------
+
+TINY = {"width_multiplier": 0.125}
+
+
+@pytest.mark.parametrize("timm", [False, True], ids=["torchvision", "timm"])
+def test_vgg16_fills_the_fcn_trunk_and_its_fc6_fc7_become_the_convolutions_of_the_fcn_surgery(tmp_path, timm):
+    source = filled(vgg16(batch_norm=False, scale=0.125, timm=timm))
+    path = _save(tmp_path, source, "vgg16.safetensors" if timm else "vgg16-397923af.pth")
+    model, fresh = _model("fcn8s_vgg16", 4, 5, **TINY)
+    report = load_pretrained(model, "fcn8s_vgg16", path)
+    rgb = source["features.0.weight"]
+    reshaped = () if timm else ("fc6.0.weight", "fc7.0.weight")
+    assert_loaded(model, fresh, source, expect_vgg(source, False), report, "features.0.0.weight",
+                  rgb[:, [0, 1, 2, 0]] * 0.75, ("score_fr.", "score_pool4.", "score_pool3."), reshaped)
+    c = report.conversion
+    assert c.dropped == ({"head": 2} if timm else {"classifier": 2}) and c.reshaped == reshaped
+    assert c.left == {"score_pool4": 2, "score_pool3": 2}
+    assert c.classifier == "score_fr not in the file: initialised for 5 classes"
+    assert ("Linear weights reshaped into the convolutions fc6.0.weight, fc7.0.weight" in "\n".join(report.lines())) != timm
+    # what the reshape means: at the 7x7 map VGG's classifier sees, our 7x7 fc6 computes classifier.0 (flattened
+    # channel-major, as torchvision's torch.flatten after avgpool) at the centre
+    if not timm:
+        x = torch.randn(1, source["classifier.0.weight"].shape[1] // 49, 7, 7)
+        linear = torch.nn.functional.linear(x.flatten(1), source["classifier.0.weight"], source["classifier.0.bias"])
+        assert torch.allclose(model.fc6[0](x)[0, :, 3, 3], linear[0], atol=1e-3)
+    assert model.eval()(torch.randn(1, 4, 64, 64)).shape == (1, 5, 64, 64)
+
+
+@pytest.mark.parametrize("timm", [False, True], ids=["torchvision-without-counters", "timm"])
+def test_vgg16_bn_fills_the_segnet_encoder_and_sums_rgb_for_one_band(tmp_path, timm):
+    source = filled(vgg16(batch_norm=True, scale=0.125, timm=timm, counters=timm))
+    path = _save(tmp_path, source)
+    model, fresh = _model("segnet_vgg16", 1, 3, **TINY)
+    report = load_pretrained(model, "segnet_vgg16", path)
+    adapted = source["features.0.weight"].sum(dim=1, keepdim=True)
+    assert_loaded(model, fresh, source, expect_vgg(source, True), report, "encoder.0.0.weight", adapted,
+                  ("decoder.", "classifier.", "encoder."))  # encoder.: counters absent from the 2017 file stay 0
+    c = report.conversion
+    assert c.dropped == ({"pre_logits": 4, "head": 2} if timm else {"classifier": 6})
+    # counters left at 0: the decoder's 12 BatchNorms, and the encoder's 13 where the file has none
+    assert c.counters == 12 + (0 if timm else 13) and set(c.left) == {f"decoder.{i}" for i in range(5)}
+    assert "summed over its 3 input channels" in c.first_conv and "not in the file" in c.classifier
+
+
+def test_resnet18_fills_the_linknet_encoder_and_cycles_rgb_over_13_bands(tmp_path):
+    source = filled(imagenet_resnet(18, scale=0.125))
+    path = _save(tmp_path, source)
+    model, fresh = _model("linknet_resnet18", 13, 6, **TINY)
+    report = load_pretrained(model, "linknet_resnet18", path)
+    rgb = source["conv1.weight"]
+    assert_loaded(model, fresh, source, expect_resnet(source), report, "backbone.conv1.weight",
+                  rgb[:, [k % 3 for k in range(13)]] * (3 / 13),
+                  ("decoder1.", "decoder2.", "decoder3.", "decoder4.", "tp_conv1.", "conv2.", "tp_conv2."))
+    c = report.conversion
+    assert c.layout.startswith("torchvision / timm ResNet-18") and c.dropped == {"fc": 2}
+    assert c.classifier == "tp_conv2 not in the file: initialised for 6 classes"  # transposed: classes are dim 1
+
+
+# --- PSPNet and DeepLabV3 (ResNet-50/101) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "stem", "options"), [
+    ("deeplabv3_resnet50", "7x7", {}),
+    ("deeplabv3_resnet50", "mmseg_deep", {"stem": "deep"}),
+    ("pspnet_resnet50", "7x7", {"stem": "standard"}),
+    ("pspnet_resnet50", "timm_deep", {"stem": "deep"}),
+    ("pspnet_resnet50", "deep_base", {}),  # hszhao/semseg initmodel/resnet50_v2.pth, PSPNet's default stem
+])
+def test_imagenet_resnets_fill_the_pspnet_and_deeplabv3_backbones(tmp_path, name, stem, options):
+    source = filled(imagenet_resnet(50, stem, scale=0.125))
+    path = _save(tmp_path, source)
+    model, fresh = _model(name, 3, 4, **options, **TINY)
+    report = load_pretrained(model, name, path)
+    expected = {"7x7": expect_resnet, "timm_deep": lambda s: expect_resnet(s, "timm_deep"),
+                "mmseg_deep": lambda s: {k: f"backbone.{k}" for k in s if not k.startswith("fc.")},
+                "deep_base": expect_deep_base}[stem](source)
+    head = ("aspp.", "head.", "classifier.") if name.startswith("deeplabv3") else ("ppm.", "bottleneck.", "classifier.")
+    assert_loaded(model, fresh, source, expected, report, allowed_left=head)
+    assert report.conversion.dropped == {"fc": 2}
+
+
+@pytest.mark.parametrize("classes", [21, 6])
+def test_torchvision_deeplabv3_loads_the_whole_model_and_drops_the_auxiliary_classifier(tmp_path, classes):
+    source = filled(torchvision_deeplabv3(50, 21, scale=0.125))
+    path = _save(tmp_path, source, "deeplabv3_resnet50_coco-cd0a2569.pth")
+    model, fresh = _model("deeplabv3_resnet50", 3, classes, output_stride=8, **TINY)
+    report = load_pretrained(model, "deeplabv3_resnet50", path)
+    expected = expect_torchvision_deeplabv3(source)
+    if classes != 21:
+        expected = {s: d for s, d in expected.items() if not d.startswith("classifier.")}
+    assert_loaded(model, fresh, source, expected, report, allowed_left=("classifier.",))
+    c = report.conversion
+    assert c.dropped == {"aux_classifier": 8} and not c.left
+    assert ("kept" if classes == 21 else "reinitialised: the file has 21 classes, the model 6") in c.classifier
+
+
+@pytest.mark.parametrize(("stem", "option"), [("mmseg_deep", "deep"), ("7x7", "standard")], ids=["r50-d8", "r50b-d8"])
+def test_mmseg_pspnet_loads_backbone_pyramid_bottleneck_and_classifier(tmp_path, stem, option):
+    source = filled(mmseg_pspnet(50, 19, scale=0.125, stem=stem))
+    path = _save(tmp_path, source, wrap=_mmseg)
+    model, fresh = _model("pspnet_resnet50", 3, 19, stem=option, **TINY)
+    report = load_pretrained(model, "pspnet_resnet50", path)
+    assert_loaded(model, fresh, source, expect_mmseg_pspnet(source), report)
+    assert report.conversion.dropped == {"auxiliary_head": 8} and not report.conversion.left
+    assert "kept" in report.conversion.classifier
+    assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 19, 64, 64)
+
+
+def test_semseg_pspnet_trained_with_dataparallel_loads_into_the_default_pspnet(tmp_path):
+    source = filled(semseg_pspnet(50, 21, scale=0.125))
+    path = _save(tmp_path, {f"module.{k}": v for k, v in source.items()}, "train_epoch_50.pth",
+                 wrap=lambda s: {"epoch": 50, "state_dict": s})  # as semseg's tool/train.py saves
+    model, fresh = _model("pspnet_resnet50", 4, 21, **TINY)
+    report = load_pretrained(model, "pspnet_resnet50", path)
+    rgb = source["layer0.0.weight"]
+    assert_loaded(model, fresh, source, expect_semseg_pspnet(source), report, "backbone.stem.0.weight",
+                  rgb[:, [0, 1, 2, 0]] * 0.75)
+    assert report.conversion.dropped == {"aux": 8} and "kept" in report.conversion.classifier
+
+
+FULL_SIZE = [
+    ("fcn32s_vgg16", {}, lambda: vgg16(False), lambda s: expect_vgg(s, False)),
+    ("fcn8s_vgg16", {}, lambda: vgg16(False, timm=True), lambda s: expect_vgg(s, False)),
+    ("segnet_vgg16", {}, lambda: vgg16(True), lambda s: expect_vgg(s, True)),
+    ("linknet_resnet18", {}, lambda: imagenet_resnet(18), expect_resnet),
+    ("deeplabv3_resnet50", {}, lambda: imagenet_resnet(50), expect_resnet),
+    ("deeplabv3_resnet101", {}, lambda: torchvision_deeplabv3(101, 21), expect_torchvision_deeplabv3),
+    ("pspnet_resnet101", {"stem": "standard"}, lambda: imagenet_resnet(101), expect_resnet),
+    ("pspnet_resnet101", {}, lambda: imagenet_resnet(101, "deep_base"), expect_deep_base),
+    ("pspnet_resnet50", {}, lambda: semseg_pspnet(50, 21), expect_semseg_pspnet),
+    ("pspnet_resnet101", {"stem": "deep"}, lambda: mmseg_pspnet(101, 21), expect_mmseg_pspnet),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "layout", "expected"), FULL_SIZE,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(FULL_SIZE)])
+def test_full_size_layouts_of_the_newer_families_map_every_tensor_name_and_shape(name, options, layout, expected):
+    source = on_meta(layout())
+    with torch.device("meta"):
+        target = create_model(name, 3, 21, **options).state_dict()
+    conversion = convert_weights(source, name, target, "w.pth")
+    mapping = expected(source)
+    assert set(conversion.tensors) == set(mapping.values())
+    for src, dst in mapping.items():  # fc6/fc7 of torchvision's VGG: the Linear's elements, as the conv's shape
+        assert conversion.tensors[dst].shape == target[dst].shape, dst
+        assert source[src].numel() == target[dst].numel() and (source[src].shape == target[dst].shape or
+                                                                dst in conversion.reshaped), dst
+
+
 # --- refusals: one line naming the file, what it looked like, and the fix ------------------------------------------
 
 def _refusal(tmp_path, shapes, model, bands=3, classes=5, wrap=None, **options) -> str:
@@ -490,6 +829,48 @@ def test_weights_of_another_family_variant_stem_or_head_are_refused_with_the_fix
     message = _refusal(tmp_path, imagenet_resnet(50, "timm_deep", 0.125, avg_down=True), "deeplabv3plus_resnet50",
                        stem="deep", **tiny)
     assert "ResNet-D" in message and "resnet50c" in message
+
+
+def test_weights_of_another_family_stem_or_head_are_refused_in_one_line_for_the_newer_families(tmp_path):
+    message = _refusal(tmp_path, vgg16(False, 0.125), "linknet_resnet18", **TINY)
+    assert ("VGG-16 (ImageNet) weights fit an FCN model, not linknet_resnet18; use model of fcn16s_vgg16, "
+            "fcn32s_vgg16, fcn8s_vgg16 (linknet_resnet18 takes torchvision / timm ResNet-18") in message
+    message = _refusal(tmp_path, vgg16(False, 0.125), "segnet_vgg16", **TINY)
+    assert "fit an FCN model, not segnet_vgg16" in message and "segnet_vgg16 takes torchvision / timm VGG-16-BN" in message
+    message = _refusal(tmp_path, vgg16(True, 0.125), "fcn32s_vgg16", **TINY)
+    assert "fit a SegNet model, not fcn32s_vgg16; use model segnet_vgg16" in message
+    message = _refusal(tmp_path, imagenet_resnet(50, scale=0.125), "linknet_resnet18", **TINY)
+    assert "fit a DeepLabV3+, a DeepLabV3 or a PSPNet model, not linknet_resnet18" in message
+    message = _refusal(tmp_path, imagenet_resnet(18, scale=0.125), "deeplabv3_resnet50", **TINY)
+    assert "fit a LinkNet model, not deeplabv3_resnet50; use model linknet_resnet18" in message
+    message = _refusal(tmp_path, vgg16(False, 0.125), "unet", **TINY)
+    assert "no published layout fits unet" in message
+    message = _refusal(tmp_path, imagenet_resnet(50, scale=0.125), "pspnet_resnet50", **TINY)
+    assert "model options stem: standard" in message  # PSPNet's default is the deep base
+    message = _refusal(tmp_path, imagenet_resnet(50, "timm_deep", 0.125), "pspnet_resnet50", **TINY)
+    assert "tensor backbone.stem.0.weight has shape (4, 3, 3, 3), pspnet_resnet50 wants (8, 3, 3, 3)" in message
+    assert message.endswith("stem differs; build the model with model option stem: deep")
+    message = _refusal(tmp_path, imagenet_resnet(50, "deep_base", 0.125), "pspnet_resnet50", stem="standard", **TINY)
+    assert "stem: deep_base" in message
+    message = _refusal(tmp_path, imagenet_resnet(101, scale=0.125), "deeplabv3_resnet50", **TINY)
+    assert message.endswith("use model deeplabv3_resnet101")
+    message = _refusal(tmp_path, vgg16(False, 0.125), "fcn8s_vgg16", width_multiplier=0.25)
+    assert "tensor features.0.0.weight has shape (8, 3, 3, 3), fcn8s_vgg16 wants (16, 3, 3, 3)" in message
+    with torch.device("meta"):  # a Linear that is no reshape of our fc6 is named with the file's shape
+        target = create_model("fcn32s_vgg16", 3, 5).state_dict()
+    wide = vgg16(False) | {"classifier.0.weight": (4096, 512 * 6 * 6)}
+    with pytest.raises(CheckpointError, match=r"tensor fc6\.0\.weight has shape \(4096, 18432\), fcn32s_vgg16 wants "
+                                              r"\(4096, 512, 7, 7\)"):
+        convert_weights(on_meta(wide), "fcn32s_vgg16", target, "w.pth")
+
+
+def test_mmseg_deeplabv3_is_refused_for_its_head_naming_the_files_that_fit(tmp_path):
+    shapes = resnet(50, "mmseg_deep", 0.125, prefix="backbone.")
+    for i, k in enumerate((1, 3, 3, 3)):  # ASPPHead: plain ConvModules, 1x1 then 3x3 atrous
+        _conv(shapes, f"decode_head.aspp_modules.{i}.conv", 64, 256, k)
+        _bn(shapes, f"decode_head.aspp_modules.{i}.bn", 64)
+    message = _refusal(tmp_path, shapes, "deeplabv3_resnet50", wrap=_mmseg, stem="deep", **TINY)
+    assert "an mmsegmentation DeepLabV3 (ASPPHead" in message and "torchvision's deeplabv3_resnet50/101" in message
 
 
 def test_an_unknown_layout_names_the_closest_one_and_where_to_read(tmp_path):
