@@ -53,6 +53,7 @@ __all__ = [
     "Segments",
     "Tally",
     "Decisions",
+    "ChunkScoring",
     "chunk_tally",
     "combine_tallies",
     "ObjectScores",
@@ -70,7 +71,7 @@ VOID = np.iinfo(np.int64).min
 """The truth key of pixels whose truth is no class (ignored, or outside the class list)."""
 
 NO_MATCH = -1
-"""The partner key of a segment that matched none (segment keys of things are > 0, of stuff < -1... see ``stuff_keys``)."""
+"""The partner key of a segment that matched none: thing keys are >= 1 and stuff keys <= -2 (``stuff_keys``)."""
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 _BIG = np.iinfo(np.int64).max
