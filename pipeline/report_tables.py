@@ -187,6 +187,26 @@ def polygon_rings(wkb: bytes) -> list[np.ndarray]:
     return rings
 
 
+def _window_ring(info: SceneInfo, window: Window, points: int) -> tuple[np.ndarray, np.ndarray]:
+    """A window's outline in the scene CRS, counter-clockwise, ``points`` segments per edge, closed.
+
+    A north-up grid's is its box (`_ring`); a rotated or sheared grid's is the window's pixel edges through the
+    affine, a parallelogram, not the box around it.
+    """
+    a, b, c, d, e, f = (float(v) for v in info.transform[:6])
+    if b == 0 and d == 0:
+        return _ring(info.bounds(window), points)
+    t = np.arange(points) / points
+    c0, c1, r0, r1 = window.col_off, window.col_stop, window.row_off, window.row_stop
+    cols = np.concatenate([c0 + (c1 - c0) * t, np.full(points, c1), c1 - (c1 - c0) * t, np.full(points, c0)])
+    rows = np.concatenate([np.full(points, r0), r0 + (r1 - r0) * t, np.full(points, r1), r1 - (r1 - r0) * t])
+    xs, ys = np.append(a * cols + b * rows + c, 0.0), np.append(d * cols + e * rows + f, 0.0)
+    xs[-1], ys[-1] = xs[0], ys[0]
+    if _signed_area(xs, ys) < 0:
+        xs, ys = xs[::-1].copy(), ys[::-1].copy()
+    return xs, ys
+
+
 def _ring(box: tuple[float, float, float, float], points: int) -> tuple[np.ndarray, np.ndarray]:
     """A box's outline, counter-clockwise from (minx, miny), ``points`` segments per edge, closed."""
     minx, miny, maxx, maxy = box
@@ -216,13 +236,13 @@ def footprints(info: SceneInfo, windows: list[Window], points: int = EDGE_POINTS
     A scene without a CRS, or whose CRS does not reach lon/lat, gets no lon/lat footprint. One that crosses the
     antimeridian is cut there (a MultiPolygon, parts within [-180, 180]) and its bbox runs west > east (RFC 7946).
     """
-    native = [_ring(info.bounds(w), 1) for w in windows]
+    native = [_window_ring(info, w, 1) for w in windows]
     lonlat: list = [None] * len(windows)
     if info.crs and windows:
         import rasterio.errors
         from rasterio.warp import transform
 
-        rings = [_ring(info.bounds(w), points) for w in windows]
+        rings = [_window_ring(info, w, points) for w in windows]
         xs, ys = np.concatenate([r[0] for r in rings]), np.concatenate([r[1] for r in rings])
         try:
             lon, lat = (np.asarray(v) for v in transform(info.crs, "OGC:CRS84", xs, ys))

@@ -384,3 +384,17 @@ def test_a_footprint_that_only_touches_180_is_one_polygon():
     # the file's bbox over boxes some of which cross: the smallest range holding them all
     assert lon_extent(np.array([[179.0, 0, -179.0, 1], [178.5, 0, 179.5, 1], [-179.9, 0, -178.0, 1]])) == (178.5, -178.0)
     assert lon_extent(np.array([[10.0, 0, 11.0, 1], [-20.0, 0, 12.0, 1]])) == (-20.0, 12.0)
+
+
+def test_a_rotated_grid_has_its_parallelogram_as_footprint_not_the_box_around_it():
+    rotated = rasterio.Affine.translation(500000, 4600000) * rasterio.Affine.rotation(20) * rasterio.Affine.scale(10, -10)
+    info = SceneInfo("r", 40, 60, 1, "uint8", rasterio.crs.CRS.from_epsg(32633).to_wkt(), tuple(rotated)[:6], None)
+    (foot,) = footprints(info, [Window(0, 0, 40, 60)])
+    ring = np.frombuffer(foot.native, "<f8", offset=13).reshape(-1, 2)
+    corners = {(round(x, 6), round(y, 6)) for x, y in (rotated * (c, r) for r in (0, 40) for c in (0, 60))}
+    assert {(round(x, 6), round(y, 6)) for x, y in ring} == corners and len(ring) == 5
+    xs, ys = ring[:, 0], ring[:, 1]
+    area = 0.5 * float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
+    assert area == pytest.approx(100.0 * 40 * 60)  # counter-clockwise, and the grid's own area, not its box's
+    lon, lat = np.frombuffer(foot.lonlat, "<f8", offset=13).reshape(-1, 2).T
+    assert len(lon) > 5 and (lon[0], lat[0]) == (lon[-1], lat[-1])  # densified along the parallelogram, closed
