@@ -261,6 +261,10 @@ def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tupl
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice of ``(N, C, H, W)`` logits; of ``(heads, N, C, H, W)`` (deep supervision, e.g.
+    U-Net++ in train mode) the mean over heads of each head's loss."""
+    if logits.ndim == 5:
+        return torch.stack([_loss(head, target) for head in logits.unbind(0)]).mean()
     ignore = target < 0
     return F.cross_entropy(logits, target, ignore_index=-1) + soft_dice_loss(logits, target, ignore)
 

@@ -23,25 +23,41 @@ i (widths 32, 64, 128, 256, 512) is two 3x3 convolutions with ReLU, each followe
 dropout 0.5; X(i,0) is the encoder (2x2 max pools between levels); X(i,j) for j > 0
 takes the 2x2 up-convolution of X(i+1,j-1) concatenated with X(i,0) ... X(i,j-1) (the
 dense skips); a 1x1 convolution scores X(0,4). That is the reference's default,
-without deep supervision (its extra heads on X(0,1) ... X(0,3) are left out): with its
-1 band and 1 class the model has the reference's 9,041,601 parameters (the paper's
-Table 1: 9.04M). Its convolutions are padded ("same") already.
+without deep supervision: with its 1 band and 1 class the model has the reference's
+9,041,601 parameters (the paper's Table 1: 9.04M). Its convolutions are padded ("same")
+already.
+
+Deep supervision (the paper's section 2, the reference's ``deep_supervision=True``) is
+the option ``deep_supervision=True``: three more 1x1 heads score X(0,1), X(0,2) and
+X(0,3) (``heads.x0_1`` ... ``heads.x0_3``; ``classifier`` stays the head of X(0,4), so
+the other names do not change), 3 x (32 x classes + classes) parameters more. In train
+mode ``forward`` returns every head's logits, shallowest first, stacked as one tensor
+``(4, N, classes, H, W)``; ``pipeline.train`` minimises the mean of the four heads'
+losses (cross-entropy plus soft Dice each). In eval mode (prediction, validation,
+exports) it returns the paper's "accurate mode", the heads' probabilities averaged, as
+logits: ``log(mean_k softmax(logits_k))``, so the pipeline's softmax gives exactly the
+mean probabilities and its argmax their most likely class. The paper's "fast mode" (one
+head, the pruned network) is not offered: a model trained with deep supervision is
+scored by the mean of its heads.
 
 Both have output stride 1 and no image pooling (``whole_tile_context=False``).
 
 Parameters with 3 bands and 19 classes (width_multiplier 1.0):
 
-    unet            31,032,915
-    unet_plusplus    9,042,771
+    unet                                        31,032,915
+    unet_plusplus                                9,042,771
+    unet_plusplus (deep_supervision=True)        9,044,652
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from schemas.errors import SpecError
 from workers.models.blocks import init_weights
 from workers.models.registry import check_tile, register_model, scale_channels
 
@@ -96,12 +112,19 @@ class UNet(nn.Module):
 
 
 class UNetPlusPlus(nn.Module):
-    """Nested U-Net: node X(i,j) sees every X(i,k<j) and the up-convolution of X(i+1,j-1); scores X(0,depth)."""
+    """Nested U-Net: node X(i,j) sees every X(i,k<j) and the up-convolution of X(i+1,j-1); scores X(0,depth).
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int]) -> None:
+    With ``deep_supervision`` a 1x1 head also scores each X(0,j), 0 < j < depth - 1: train mode returns all heads'
+    logits stacked ``(heads, N, C, H, W)``, eval mode the log of their mean softmax ``(N, C, H, W)``.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: Sequence[int], deep_supervision: bool = False
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.depth = len(widths)
+        self.deep_supervision = deep_supervision
         self.nodes = nn.ModuleDict()
         self.ups = nn.ModuleDict()
         for i in range(self.depth):
@@ -112,6 +135,10 @@ class UNetPlusPlus(nn.Module):
                 self.nodes[f"x{i}_{j}"] = _double_conv((j + 1) * widths[i], widths[i], _DROPOUT)
         self.pool = nn.MaxPool2d(2, 2)
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
+        if deep_supervision:  # registered after the classifier: the default model's modules and names are untouched
+            self.heads = nn.ModuleDict(
+                {f"x0_{j}": nn.Conv2d(widths[0], num_classes, 1) for j in range(1, self.depth - 1)}
+            )
         init_weights(self, transposed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +150,15 @@ class UNetPlusPlus(nn.Module):
             for i in range(self.depth - j):
                 up = self.ups[f"x{i}_{j}"](grid[i + 1][j - 1])
                 grid[i].append(self.nodes[f"x{i}_{j}"](torch.cat([up, *grid[i]], dim=1)))
-        return self.classifier(grid[0][-1])
+        if not self.deep_supervision:
+            return self.classifier(grid[0][-1])
+        logits = torch.stack(
+            [self.heads[f"x0_{j}"](grid[0][j]) for j in range(1, self.depth - 1)] + [self.classifier(grid[0][-1])]
+        )
+        if self.training:
+            return logits
+        # accurate mode: log of the heads' mean probabilities, without leaving log space
+        return torch.logsumexp(torch.log_softmax(logits, dim=2), dim=0) - math.log(logits.shape[0])
 
 
 @register_model(family="unet", output_stride=1, whole_tile_context=False)
@@ -133,6 +168,11 @@ def unet(in_channels: int, num_classes: int, *, width_multiplier: float = 1.0) -
 
 
 @register_model(family="unet_plusplus", output_stride=1, whole_tile_context=False)
-def unet_plusplus(in_channels: int, num_classes: int, *, width_multiplier: float = 1.0) -> UNetPlusPlus:
+def unet_plusplus(
+    in_channels: int, num_classes: int, *, width_multiplier: float = 1.0, deep_supervision: bool = False
+) -> UNetPlusPlus:
     """U-Net++ (Zhou et al. 2018) with dense nested skips: 9.0M parameters."""
-    return UNetPlusPlus(in_channels, num_classes, [scale_channels(w, width_multiplier) for w in _UNET_PLUSPLUS_WIDTHS])
+    if not isinstance(deep_supervision, bool):
+        raise SpecError(f"deep_supervision must be true or false, got {deep_supervision!r}")
+    widths = [scale_channels(w, width_multiplier) for w in _UNET_PLUSPLUS_WIDTHS]
+    return UNetPlusPlus(in_channels, num_classes, widths, deep_supervision)
