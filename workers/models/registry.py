@@ -4,7 +4,9 @@ Model families register their variants with :func:`register_model` (timm style);
 pipeline builds them by name with :func:`create_model` and asks :func:`model_info` how
 to tile for them without building anything. Every registered model keeps one contract:
 ``forward`` maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)`` for H and
-W multiples of :data:`TILE_MULTIPLE`.
+W multiples of :data:`TILE_MULTIPLE`, in eval mode (prediction, validation, export).
+In train mode a deep-supervised model (U-Net++ with ``deep_supervision``) returns its
+heads' logits stacked ``(heads, N, num_classes, H, W)``, which training's loss averages.
 """
 
 from __future__ import annotations
