@@ -76,6 +76,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_starting_ray_prints_nothing_and_its_notes_land_in_the_log_file(tmp_path):
     """A real local Ray instance: its start-up notes (records of the `ray` loggers) go to the file, not the terminal."""
     log = tmp_path / "satseg.log"

@@ -30,6 +30,7 @@ def _scraped(port: int, job_id: str) -> dict[str, float]:
     raise AssertionError(f"no finished satseg metrics for job {job_id} on port {port}")
 
 
+@pytest.mark.slow
 def test_a_job_shows_its_tiles_with_a_rate_and_its_chunks_and_exports_them_to_prometheus(ray_local, odd_scene, tmp_path, capsys):
     spec = job(odd_scene, tmp_path / "out", chunk_size=128)
     result = run_job(spec, show_progress=True)

@@ -82,6 +82,7 @@ def site(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_ticks_are_idempotent_and_pick_up_only_new_scenes(ray_local, site):
     deliver(site, "a", 1)
     deliver(site, "b", 2)
@@ -126,6 +127,7 @@ def test_ticks_are_idempotent_and_pick_up_only_new_scenes(ray_local, site):
     assert [r[0] for r in rows] == ["a", "b", "c"] and all(0 <= r[1] <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_a_failing_scene_is_counted_and_retried_last(ray_local, site):
     deliver(site, "a", 1)
     truncate(deliver(site, "b", 2))

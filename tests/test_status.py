@@ -109,6 +109,7 @@ def test_a_machine_failure_inside_a_ray_task_is_one_line(ray_local, number, says
     assert line.startswith("/out/masks/s.zarr/mask/c/0/0: ") and says in line and "\n" not in line
 
 
+@pytest.mark.slow
 def test_run_job_marks_a_failing_scene_failed_and_a_rerun_finishes(ray_local, tmp_path, capsys):
     good = write_synthetic_scene(tmp_path / "scenes", "good", 96, 130, seed=3, cell=40)
     bad = write_synthetic_scene(tmp_path / "scenes", "zbad", 96, 130, seed=4, cell=40)

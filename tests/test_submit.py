@@ -172,6 +172,7 @@ def test_submit_ships_code_and_job_and_the_outputs_match_a_local_run(head, scene
     assert logs.returncode == 0 and "mean IoU" in logs.stdout
 
 
+@pytest.mark.slow
 def test_a_wrong_python_fails_the_job_with_one_line(head, scene, tmp_path):
     job_file = write_job(tmp_path, scene)
     done = satseg("submit", str(job_file), "--address", head["address"], "--python", "/nonexistent/python3", "--follow")
@@ -181,6 +182,7 @@ def test_a_wrong_python_fails_the_job_with_one_line(head, scene, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_stop_stops_a_running_job(head, scene, tmp_path):
     slow = tmp_path / "slow-python"
     slow.write_text("#!/bin/sh\nexec sleep 300\n")
@@ -256,6 +258,7 @@ def test_a_schedule_tick_is_submitted_to_the_cluster_and_waited_for(head, tmp_pa
     assert "SUCCEEDED" in status.stdout
 
 
+@pytest.mark.slow
 def test_a_scene_whose_earlier_tick_job_still_runs_on_the_cluster_is_skipped(head, ray_local, tmp_path, monkeypatch):
     from pipeline.schedule import run_tick, schedule_model_key
     from pipeline.job_folder import PENDING, SceneState, write_scene_state
