@@ -198,9 +198,9 @@ def test_a_job_over_two_utm_zones_writes_one_lonlat_column(ray_local, two_zones,
 
 
 def test_bounds_of_a_rotated_grid_cover_all_four_corners():
-    rotated = rasterio.Affine.rotation(30) * rasterio.Affine.scale(1, -1)
+    rotated = rasterio.Affine.rotation(30) @ rasterio.Affine.scale(1, -1)
     info = SceneInfo("x", 10, 10, 1, "uint8", None, tuple(rotated)[:6], None)
-    corners = [rotated * (c, r) for r in (0, 10) for c in (0, 10)]
+    corners = [rotated @ (c, r) for r in (0, 10) for c in (0, 10)]
     xs, ys = zip(*corners)
     assert info.bounds(Window(0, 0, 10, 10)) == pytest.approx((min(xs), min(ys), max(xs), max(ys)))
     # north up: the two opposite corners alone, as before
@@ -387,11 +387,11 @@ def test_a_footprint_that_only_touches_180_is_one_polygon():
 
 
 def test_a_rotated_grid_has_its_parallelogram_as_footprint_not_the_box_around_it():
-    rotated = rasterio.Affine.translation(500000, 4600000) * rasterio.Affine.rotation(20) * rasterio.Affine.scale(10, -10)
+    rotated = rasterio.Affine.translation(500000, 4600000) @ rasterio.Affine.rotation(20) @ rasterio.Affine.scale(10, -10)
     info = SceneInfo("r", 40, 60, 1, "uint8", rasterio.crs.CRS.from_epsg(32633).to_wkt(), tuple(rotated)[:6], None)
     (foot,) = footprints(info, [Window(0, 0, 40, 60)])
     ring = np.frombuffer(foot.native, "<f8", offset=13).reshape(-1, 2)
-    corners = {(round(x, 6), round(y, 6)) for x, y in (rotated * (c, r) for r in (0, 40) for c in (0, 60))}
+    corners = {(round(x, 6), round(y, 6)) for x, y in (rotated @ (c, r) for r in (0, 40) for c in (0, 60))}
     assert {(round(x, 6), round(y, 6)) for x, y in ring} == corners and len(ring) == 5
     xs, ys = ring[:, 0], ring[:, 1]
     area = 0.5 * float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1]))
