@@ -68,13 +68,28 @@ class SharedRotatingFile(logging.handlers.RotatingFileHandler):
     Python's handler rotates with no regard to other processes: one renames the file while another still writes
     to the old one, or both rotate, and records are lost. Here every record is written under an exclusive
     ``fcntl.flock`` on ``<file>.lock``; a process whose open file was rotated away by another reopens the current one
-    first, and the size that decides rotation is the file's own. Where ``fcntl`` is missing (Windows) it is the
-    plain handler.
+    first, and the size that decides rotation is the file's own. Where there is nothing to share or no way to
+    share it, it is the plain handler: ``fcntl`` missing (Windows), a log file that is not a regular file
+    (``/dev/null``, a pipe: never rotated), or a folder where no lock file can be made beside a writable log file.
     """
 
     def __init__(self, filename, *args, **kwargs):
         super().__init__(filename, *args, **kwargs)
         self._lock_file = None
+        self._lockable = True
+
+    def _lock(self):
+        """The open lock file, or None where records go as in Python's handler (see the class)."""
+        if self._lock_file is None and self._lockable:
+            path = self.baseFilename
+            if os.path.exists(path) and not os.path.isfile(path):
+                self._lockable = False
+            else:
+                try:
+                    self._lock_file = open(path + ".lock", "a")  # noqa: SIM115 (held for the handler's life)
+                except OSError:
+                    self._lockable = False
+        return self._lock_file
 
     def _reopen_if_rotated(self) -> None:
         if self.stream is None:
@@ -93,17 +108,19 @@ class SharedRotatingFile(logging.handlers.RotatingFileHandler):
         except ImportError:  # not POSIX: one process's rotation, as Python does it
             super().emit(record)
             return
+        lock = self._lock()
+        if lock is None:
+            super().emit(record)
+            return
         try:
-            if self._lock_file is None:
-                self._lock_file = open(self.baseFilename + ".lock", "a")  # noqa: SIM115 (held for the handler's life)
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self._reopen_if_rotated()
                 super().emit(record)
                 if self.stream is not None:
                     self.stream.flush()
             finally:
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                fcntl.flock(lock, fcntl.LOCK_UN)
         except Exception:
             self.handleError(record)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,28 @@ def test_an_unwritable_log_file_leaves_stderr_logging_working(tmp_path, monkeypa
         assert configure_logging("warning") is None
         logging.getLogger("pipeline.run").warning("still shown")
         assert capsys.readouterr().err.splitlines() == ["satseg: warning: still shown"]
+    finally:
+        monkeypatch.delenv("SATSEG_LOG_FILE")
+        configure_logging("warning")
+
+
+def test_a_log_file_with_no_lock_beside_it_or_no_file_behind_it_still_logs_quietly(tmp_path, monkeypatch, capsys):
+    """No lock file can be made beside a writable log file (here its name is taken by a folder; a read-only
+    folder does the same for a user other than root), or the log file is /dev/null: records are written as by
+    Python's own handler, with no "Logging error" traceback on stderr and no lock file made in /dev."""
+    log = tmp_path / "satseg.log"
+    (tmp_path / "satseg.log.lock").mkdir()
+    try:
+        for path in (log, "/dev/null"):
+            monkeypatch.setenv("SATSEG_LOG_FILE", str(path))
+            assert configure_logging("warning") is not None
+            logging.getLogger("pipeline.run").warning("shown and logged")
+            logging.getLogger("ray._private.worker").warning("only logged")
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            assert capsys.readouterr().err.splitlines() == ["satseg: warning: shown and logged"]
+        assert "shown and logged" in log.read_text() and "only logged" in log.read_text()
+        assert not Path("/dev/null.lock").exists()
     finally:
         monkeypatch.delenv("SATSEG_LOG_FILE")
         configure_logging("warning")
