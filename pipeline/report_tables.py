@@ -249,6 +249,7 @@ def footprints(info: SceneInfo, windows: list[Window], points: int = EDGE_POINTS
         except (rasterio.errors.RasterioError, ValueError):
             lon = lat = None
         if lon is not None:
+            lon = np.where(np.abs(lon) > 180.0, (lon + 180.0) % 360.0 - 180.0, lon)  # a lon/lat grid past 180°: wrapped
             n = 4 * points + 1
             for i in range(len(windows)):
                 x, y = lon[i * n : (i + 1) * n], lat[i * n : (i + 1) * n]
@@ -281,12 +282,11 @@ def epsg_code(crs_wkt: str | None) -> int | None:
 def lon_extent(boxes: np.ndarray) -> tuple[float, float]:
     """West and east of the smallest longitude range holding every box (boxes with xmin > xmax cross 180°).
 
-    Without a crossing box, the plain min and max. With one, the complement of the widest gap between the boxes'
-    longitude ranges on the circle: west > east when that range crosses 180° (RFC 7946 §5.2).
+    The complement of the widest gap between the boxes' longitude ranges on the circle: west > east when that range
+    crosses 180° (RFC 7946 §5.2), as for boxes on both sides of it none of which crosses alone; otherwise the plain
+    min and max.
     """
     west, east = boxes[:, 0], boxes[:, 2]
-    if not (west > east).any():
-        return float(west.min()), float(east.max())
     spans = sorted([(w, e) for w, e in zip(west, east) if w <= e] + [(w, 180.0) for w, e in zip(west, east) if w > e]
                    + [(-180.0, e) for w, e in zip(west, east) if w > e])
     merged = [list(spans[0])]

@@ -230,7 +230,7 @@ def write_collection(layout: OutputLayout) -> Path | None:
     job_id = items[0][1].get("properties", {}).get("satseg:job_id", "job")
     boxes = [item["bbox"] for _, item in items if item.get("bbox")]
     spatial = [-180.0, -90.0, 180.0, 90.0]
-    if boxes:  # west > east when the items together cross 180° (RFC 7946 §5.2), as an item's own bbox does
+    if boxes:  # west > east when the smallest range holding the items crosses 180° (RFC 7946 §5.2), as an item's own bbox may
         from pipeline.report_tables import lon_extent
 
         west, east = lon_extent(np.asarray(boxes, dtype=np.float64))

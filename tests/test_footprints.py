@@ -384,6 +384,25 @@ def test_a_footprint_that_only_touches_180_is_one_polygon():
     # the file's bbox over boxes some of which cross: the smallest range holding them all
     assert lon_extent(np.array([[179.0, 0, -179.0, 1], [178.5, 0, 179.5, 1], [-179.9, 0, -178.0, 1]])) == (178.5, -178.0)
     assert lon_extent(np.array([[10.0, 0, 11.0, 1], [-20.0, 0, 12.0, 1]])) == (-20.0, 12.0)
+    # boxes on both sides of 180°, neither crossing alone: still the smallest range, across 180°, not the globe
+    assert lon_extent(np.array([[179.0, 0, 179.9, 1], [-179.9, 0, -179.0, 1]])) == (179.0, -179.0)
+    assert lon_extent(np.array([[-120.0, 0, -100.0, 1], [0.0, 0, 10.0, 1]])) == (-120.0, 10.0)
+
+
+def test_a_lon_lat_grid_that_runs_past_180_is_wrapped_and_cut_there(tmp_path):
+    """EPSG:4326 with longitudes 170° to 190° (a continuous extent, as gdalwarp gives a scene over Fiji): the parts
+    lie within [-180, 180] and the bbox runs west > east, as for a scene whose CRS crosses 180° on its own."""
+    path = tmp_path / "fiji.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=100, width=200, count=1, dtype="uint8", crs="EPSG:4326",
+                       transform=rasterio.Affine(0.1, 0, 170.0, 0, -0.1, -10.0)) as dst:
+        dst.write(np.zeros((1, 100, 200), np.uint8))
+    info = open_scene(path)
+    (foot,) = footprints(info, [Window(0, 0, 100, 200)])
+    parts = _parts(foot.lonlat)
+    assert len(parts) == 2 and all(-180 <= r[:, 0].min() and r[:, 0].max() <= 180 for r in parts)
+    assert foot.bbox == pytest.approx((170.0, -20.0, -170.0, -10.0), abs=1e-9)
+    (inside,) = footprints(info, [Window(0, 0, 100, 50)])  # 170° to 175°: untouched, one Polygon
+    assert struct.unpack_from("<I", inside.lonlat, 1)[0] == 3 and inside.bbox == pytest.approx((170.0, -20.0, 175.0, -10.0))
 
 
 def test_a_rotated_grid_has_its_parallelogram_as_footprint_not_the_box_around_it():
