@@ -624,25 +624,28 @@ def _worst_tiles(ctx: _SceneContext, slug: str) -> str:
         return _section(slug, "worst-tiles", title, _note(f"no {tile}-px tile has a wrongly classified labelled pixel"))
     h, w = int(ctx.row["height"]), int(ctx.row["width"])
     cards = []
-    for r, c in zip(bad_r[order], bad_c[order]):
-        win = Window(int(r) * tile, int(c) * tile, min(tile, h - int(r) * tile), min(tile, w - int(c) * tile))
-        truth, pred = _read_block(ctx, win)
-        m = segmentation_metrics(confusion_matrix(truth, pred, len(ctx.class_names), ignore_index=None))
-        view_win = _context_window(win, (h, w), MIN_TILE_VIEW)
-        views = _views(ctx, view_win, THUMB_SIDE, overview=False)
-        outline = None if view_win == win else _outline(view_win, win, views["shape"])
-        imgs = "".join(
-            _img(png(_draw(views[k], outline)), f"{ctx.name} tile {r},{c} {k}", "thumb")
-            for k, _ in PANELS if k in views
-        )
-        context = f"; shown with {view_win.height} × {view_win.width} px around it (outlined)" if outline is not None else ""
-        n_wrong, n_lab = int(wrong[r, c]), int(labelled[r, c])
-        caption = (
-            f"tile ({r}, {c}): {_span('row', win.row_off, win.row_stop)}, {_span('col', win.col_off, win.col_stop)}"
-            f"{context}. <b>{n_wrong:,} wrong</b> of {n_lab:,} labelled px ({n_wrong / n_lab:.1%}), "
-            f"mean IoU {_fmt(m.mean_iou)}"
-        )
-        cards.append(f'<div class="tile"><div class="thumbs">{imgs}</div><p class="small">{caption}</p></div>')
+    try:  # remote images or labels may have gone out of reach since the counts were read
+        for r, c in zip(bad_r[order], bad_c[order]):
+            win = Window(int(r) * tile, int(c) * tile, min(tile, h - int(r) * tile), min(tile, w - int(c) * tile))
+            truth, pred = _read_block(ctx, win)
+            m = segmentation_metrics(confusion_matrix(truth, pred, len(ctx.class_names), ignore_index=None))
+            view_win = _context_window(win, (h, w), MIN_TILE_VIEW)
+            views = _views(ctx, view_win, THUMB_SIDE, overview=False)
+            outline = None if view_win == win else _outline(view_win, win, views["shape"])
+            imgs = "".join(
+                _img(png(_draw(views[k], outline)), f"{ctx.name} tile {r},{c} {k}", "thumb")
+                for k, _ in PANELS if k in views
+            )
+            context = f"; shown with {view_win.height} × {view_win.width} px around it (outlined)" if outline is not None else ""
+            n_wrong, n_lab = int(wrong[r, c]), int(labelled[r, c])
+            caption = (
+                f"tile ({r}, {c}): {_span('row', win.row_off, win.row_stop)}, {_span('col', win.col_off, win.col_stop)}"
+                f"{context}. <b>{n_wrong:,} wrong</b> of {n_lab:,} labelled px ({n_wrong / n_lab:.1%}), "
+                f"mean IoU {_fmt(m.mean_iou)}"
+            )
+            cards.append(f'<div class="tile"><div class="thumbs">{imgs}</div><p class="small">{caption}</p></div>')
+    except InputFileError as err:
+        return _section(slug, "worst-tiles", title, _note(f"not computed: {err}"))
     body = (
         f'<p class="small">{tile}-px windows from the scene origin ({why}), {labelled.size:,} in all, ranked by '
         "wrongly classified labelled pixels (read at full resolution). Each: image · labels · prediction · errors</p>"

@@ -231,5 +231,7 @@ def test_report_views_read_remote_rasters_as_the_job_does(odd_scene, served):
     lut = label_lookup(None, len(CLASSES))
     assert np.array_equal(read_labels(served.url("labels.tif"), (50, 40), lut, 255, window),
                           read_labels(odd_scene.labels, (50, 40), lut, 255, window))
-    with pytest.raises(InputFileError, match="missing.tif"):  # the report turns this into a note
+    with pytest.raises(InputFileError, match="missing.tif: image file not found .*check the path"):  # the report's note
         read_image_rgb(served.url("missing.tif"), (8, 8))
+    with pytest.raises(InputFileError, match="secret.tif: access denied .*signed URL"):  # its hint, not "read failed"
+        read_labels(served.url("secret.tif"), (8, 8), lut, 255)

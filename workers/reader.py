@@ -212,18 +212,20 @@ def _opened(path: str, what: str, role: str = "image"):  # what: "open" or "read
     and no CRS, which every output then carries, instead of a warning leaking from each worker.
     """
     remote = gdal_path(path)
+    opened = False
     try:
         with warnings.catch_warnings(), ExitStack() as env:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if remote is not None or _is_vrt_text(path):
                 env.enter_context(rasterio.Env(**_remote_defaults()))
             with rasterio.open(remote or path) as src:
+                opened = True
                 yield src
     except RasterioIOError as err:
         cause = err.__cause__ or err.__context__  # GDAL's own message; rasterio's says "see previous exception"
         name = dataset_name(path)
         detail = first_line(cause if cause is not None else err).replace(f"'{remote or path}' ", "")[:200]  # named once
-        if what == "open" and remote is not None:
+        if remote is not None and (what == "open" or not opened):  # gone or refused since: its not-found/credentials hint
             raise _remote_failure(name, role, cause, detail) from None
         if what == "open":
             raise InputFileError(f"{name}: not a readable raster ({detail}); give a GeoTIFF (or another GDAL raster)") from None
