@@ -96,10 +96,12 @@ class ResNet(nn.Module):
         widths: Sequence[int] = _RESNET_WIDTHS,
         dilate: Sequence[bool] = (False, False, False),
         deep_stem: bool = False,
+        dilate_first_block: bool = False,
     ) -> None:
         super().__init__()
         self.inplanes = stem_width
         self.dilation = 1
+        self.dilate_first_block = dilate_first_block
         self.deep_stem = deep_stem
         if deep_stem:
             half = stem_width // 2
@@ -120,7 +122,8 @@ class ResNet(nn.Module):
         self.out_channels = widths[3] * Bottleneck.expansion
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
-        """torchvision's rule: a dilated layer trades its stride for dilation from its second block on."""
+        """torchvision's rule: a dilated layer trades its stride for dilation from its second block on (from its
+        first with ``dilate_first_block``, as hszhao/semseg's PSPNet sets every ``conv2`` of the layer)."""
         previous_dilation = self.dilation
         if dilate:
             self.dilation *= stride
@@ -131,7 +134,8 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(planes * Bottleneck.expansion),
             )
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample, previous_dilation)]
+        first = self.dilation if dilate and self.dilate_first_block else previous_dilation
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, first)]
         self.inplanes = planes * Bottleneck.expansion
         layers += [Bottleneck(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)

@@ -199,6 +199,7 @@ class Layout:
     dropped: str = ""  # what its dropped parts are, for the report
     zero_bias: tuple[str, ...] = ()  # our conv biases the source has no counterpart for (conv without bias, then BN)
     linear_to_conv: tuple[str, ...] = ()  # our conv weights the source holds as Linear weights (same values, reshaped)
+    forward: tuple[tuple[str, object], ...] = ()  # model options whose forward pass is the one the file was trained in
 
     def rename(self, key: str) -> tuple[bool, str | None]:
         """(known, our name): our name, or None when the key is a dropped part; (False, None) when unknown."""
@@ -274,6 +275,7 @@ LAYOUTS: tuple[Layout, ...] = (
            (r"cls\.0\.weight", "bottleneck.0.weight"), (rf"cls\.1\.({_BN})", r"bottleneck.1.\1"),
            (r"cls\.4\.(weight|bias)", r"classifier.\1")),
         _has("layer0.0.weight", "ppm.features.0.1.weight"), dropped="the auxiliary head",
+        forward=(("reference", "semseg"),),
     ),
     Layout(
         "mmsegmentation DeepLabV3+ (ResNetV1c, DepthwiseSeparableASPPHead)", ("deeplabv3plus",),
@@ -368,6 +370,7 @@ class Conversion:
     zero_filled: tuple[str, ...] = ()
     counters: int = 0  # BatchNorm num_batches_tracked counters absent from the file (left at 0)
     reshaped: tuple[str, ...] = ()  # our convolutions the file holds as Linear weights (reshaped)
+    forward: tuple[tuple[str, object], ...] = ()  # the layout's model options for its own forward pass
 
 
 @dataclass(frozen=True)
@@ -535,7 +538,7 @@ def convert_weights(
         layout=layout.name, tensors=tensors, first_conv=first_conv, classifier=classifier,
         dropped=dict(Counter(_part(k) for k in dropped)), dropped_note=layout.dropped,
         left=dict(Counter(_our_part(k) for k in left if not k.startswith(_CLASSIFIER[family] + "."))),
-        zero_filled=zero, counters=len(counters), reshaped=reshaped,
+        zero_filled=zero, counters=len(counters), reshaped=reshaped, forward=layout.forward,
     )
 
 
@@ -751,5 +754,11 @@ def check_pretrained(path: str | os.PathLike[str], model_name: str, in_channels:
         log.warning(
             "init: %s leaves %s of %s at initialisation (classifier %s); masks mean little until it is fine-tuned "
             "with `satseg train --init`", location, ", ".join(untrained), model_name, conversion.classifier,
+        )
+    other = {k: v for k, v in conversion.forward if options.get(k) != v}
+    if other:
+        log.warning(
+            "init: %s was trained in %s's forward pass; model_options %s give it (the masks differ without)",
+            location, conversion.layout, ", ".join(f"{k}: {v}" for k, v in other.items()),
         )
     return weights_sha256(location)

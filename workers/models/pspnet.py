@@ -21,7 +21,9 @@ conv 1024 -> 256 and a classifier on layer3 for its training loss only; satseg t
 with one loss), bilinear resizing with ``align_corners=False`` (as mmsegmentation; the
 reference uses True), and the first block of a dilated layer keeps the previous dilation
 (torchvision's and mmsegmentation's ``contract_dilation`` rule; the reference dilates
-every block of the layer). None of these changes a parameter of the inference model.
+every block of the layer). None of these changes a parameter of the inference model, and
+``reference="semseg"`` builds the reference's forward pass (every block dilated,
+``align_corners=True``) for its published checkpoints.
 
 The pooling is written as two small matrix products (:func:`adaptive_avg_pool`), equal to
 ``nn.AdaptiveAvgPool2d``, because ONNX export cannot take adaptive pooling to 3x3 or 6x6
@@ -55,6 +57,11 @@ _HEAD_CHANNELS = 512
 _DROPOUT = 0.1
 _STEMS = {"deep_base": (128, True), "deep": (64, True), "standard": (64, False)}
 """stem option -> (stem width, three 3x3 convs); the deep stems' convs are width/2, width/2, width."""
+REFERENCES = ("mmseg", "semseg")
+"""The forward pass whose published weights a PSPNet reproduces (the parameters are the same for both):
+``mmseg`` (and torchvision's dilation rule): the first block of a dilated layer keeps the previous dilation,
+resizing with ``align_corners=False``; ``semseg`` (hszhao/semseg, the authors' code): every block dilated,
+``align_corners=True``."""
 
 
 def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -77,16 +84,17 @@ def _pooling_matrix(size: int, bins: int, like: torch.Tensor) -> torch.Tensor:
 class PyramidPooling(nn.Module):
     """Pool to each bin size, reduce by a 1x1 conv, upsample back; concatenated after the input features."""
 
-    def __init__(self, in_channels: int, channels: int, bins: Sequence[int] = _BINS) -> None:
+    def __init__(self, in_channels: int, channels: int, bins: Sequence[int] = _BINS, align_corners: bool = False) -> None:
         super().__init__()
         self.bins = tuple(bins)
+        self.align_corners = align_corners
         self.stages = nn.ModuleList(_conv_bn_relu(in_channels, channels, 1) for _ in self.bins)
         self.out_channels = in_channels + channels * len(self.bins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         pooled = [
-            F.interpolate(stage(adaptive_avg_pool(x, bins)), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(stage(adaptive_avg_pool(x, bins)), size=size, mode="bilinear", align_corners=self.align_corners)
             for bins, stage in zip(self.bins, self.stages)
         ]
         return torch.cat([x] + pooled, dim=1)
@@ -95,11 +103,14 @@ class PyramidPooling(nn.Module):
 class PSPNet(nn.Module):
     """PSPNet: dilated ResNet, pyramid pooling, a 3x3 conv and a classifier, logits upsampled to the tile."""
 
-    def __init__(self, backbone: ResNet, channels: int, num_classes: int, in_channels: int) -> None:
+    def __init__(
+        self, backbone: ResNet, channels: int, num_classes: int, in_channels: int, align_corners: bool = False
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.backbone = backbone
-        self.ppm = PyramidPooling(backbone.out_channels, max(1, backbone.out_channels // len(_BINS)))
+        self.align_corners = align_corners
+        self.ppm = PyramidPooling(backbone.out_channels, max(1, backbone.out_channels // len(_BINS)), align_corners=align_corners)
         self.bottleneck = _conv_bn_relu(self.ppm.out_channels, channels, 3)
         self.dropout = nn.Dropout2d(_DROPOUT)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
@@ -108,37 +119,44 @@ class PSPNet(nn.Module):
         check_tile(x, self.in_channels)
         _, features = self.backbone(x)
         logits = self.classifier(self.dropout(self.bottleneck(self.ppm(features))))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
 
 def _create_pspnet(
-    variant: str, in_channels: int, num_classes: int, width_multiplier: float, output_stride: int, stem: str
+    variant: str, in_channels: int, num_classes: int, width_multiplier: float, output_stride: int, stem: str,
+    reference: str,
 ) -> PSPNet:
     dilate, _ = atrous_setting(output_stride)
     if stem not in _STEMS:
         raise SpecError(f"stem must be one of {', '.join(_STEMS)}, got {stem!r}")
+    if reference not in REFERENCES:
+        raise SpecError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     stem_width, deep = _STEMS[stem]
+    semseg = reference == "semseg"
 
     def width(channels: int) -> int:
         return scale_channels(channels, width_multiplier)
 
-    backbone = ResNet(_CFGS[variant], in_channels, width(stem_width), [width(c) for c in _RESNET_WIDTHS], dilate, deep)
-    model = PSPNet(backbone, width(_HEAD_CHANNELS), num_classes, in_channels)
+    backbone = ResNet(_CFGS[variant], in_channels, width(stem_width), [width(c) for c in _RESNET_WIDTHS], dilate, deep,
+                      dilate_first_block=semseg)
+    model = PSPNet(backbone, width(_HEAD_CHANNELS), num_classes, in_channels, align_corners=semseg)
     init_weights(model)
     return model
 
 
 @register_model(family="pspnet", output_stride=8, whole_tile_context=True)
 def pspnet_resnet50(
-    in_channels: int, num_classes: int, *, width_multiplier: float = 1.0, output_stride: int = 8, stem: str = "deep_base"
+    in_channels: int, num_classes: int, *, width_multiplier: float = 1.0, output_stride: int = 8, stem: str = "deep_base",
+    reference: str = "mmseg",
 ) -> PSPNet:
     """PSPNet on ResNet-50: 46.7M parameters; its 1x1 pyramid bin sees the whole tile."""
-    return _create_pspnet("resnet50", in_channels, num_classes, width_multiplier, output_stride, stem)
+    return _create_pspnet("resnet50", in_channels, num_classes, width_multiplier, output_stride, stem, reference)
 
 
 @register_model(family="pspnet", output_stride=8, whole_tile_context=True)
 def pspnet_resnet101(
-    in_channels: int, num_classes: int, *, width_multiplier: float = 1.0, output_stride: int = 8, stem: str = "deep_base"
+    in_channels: int, num_classes: int, *, width_multiplier: float = 1.0, output_stride: int = 8, stem: str = "deep_base",
+    reference: str = "mmseg",
 ) -> PSPNet:
     """PSPNet on ResNet-101: 65.7M parameters; its 1x1 pyramid bin sees the whole tile."""
-    return _create_pspnet("resnet101", in_channels, num_classes, width_multiplier, output_stride, stem)
+    return _create_pspnet("resnet101", in_channels, num_classes, width_multiplier, output_stride, stem, reference)
