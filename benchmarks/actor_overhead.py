@@ -68,16 +68,7 @@ def _plain_share(args: tuple) -> tuple[float, float]:
 def in_processes(source: ModelSource, n_tiles: int, tile: int, cores: int, mode: str, nice: int = 0) -> float:
     """Wall seconds from the first start to the last finish, one plain single-threaded process per core (at
     ``nice`` more than this one's niceness: Ray starts its workers at 15)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    barrier = manager.Barrier(cores)
-    shares = [n_tiles // cores + (i < n_tiles % cores) for i in range(cores)]
-    with ctx.Pool(cores) as pool:
-        spans = pool.map(_plain_share, [(source, k, tile, mode, barrier, nice) for k in shares])
-    manager.shutdown()
-    return max(end for _, end in spans) - min(start for start, _ in spans)
+    return _bench().per_core(_plain_share, lambda k, barrier: (source, k, tile, mode, barrier, nice), n_tiles, cores)
 
 
 def in_actors(source: ModelSource, n_tiles: int, tile: int, cores: int, mode: str) -> float:

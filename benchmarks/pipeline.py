@@ -155,6 +155,12 @@ def model_alone_per_core(source: ModelSource, n_tiles: int, tile: int, batch: in
     Every process builds and warms its model, waits at a barrier, then runs its
     share; the time is from the first start to the last finish.
     """
+    return per_core(_one_core_share, lambda k, barrier: (source, k, tile, batch, mode, barrier), n_tiles, cores)
+
+
+def per_core(share, args_of, n_tiles: int, cores: int) -> float:
+    """Wall seconds, first start to last finish, of ``share`` in one spawned process per core, each given
+    ``args_of(its tiles, barrier)`` (the barrier: to wait at once warm); ``share`` returns its (start, end)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -162,7 +168,7 @@ def model_alone_per_core(source: ModelSource, n_tiles: int, tile: int, batch: in
     barrier = manager.Barrier(cores)
     shares = [n_tiles // cores + (i < n_tiles % cores) for i in range(cores)]
     with ctx.Pool(cores) as pool:
-        spans = pool.map(_one_core_share, [(source, k, tile, batch, mode, barrier) for k in shares])
+        spans = pool.map(share, [args_of(k, barrier) for k in shares])
     manager.shutdown()
     return max(end for _, end in spans) - min(start for start, _ in spans)
 
