@@ -27,10 +27,10 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -410,19 +410,49 @@ def run_tick(spec: ScheduleSpec, tick: datetime, *, log: Log = _stderr) -> dict 
 
 
 class _Shutdown:
-    """SIGINT/SIGTERM: the first stops after the current tick (or ends the wait), a second stops now."""
+    """SIGINT/SIGTERM: the first stops after the current tick (or ends the wait), a second stops now.
+
+    The handler takes no lock: it runs in the main thread between two bytecodes, and one that waited for a lock
+    the interrupted code held (``threading.Event.set`` takes the event's, which ``Event.wait`` holds on entry)
+    hung the scheduler for good. It sets a flag; the wait is a ``select`` on a socket that Python's C-level
+    handler writes the signal's number to (``signal.set_wakeup_fd``), so a signal ends it at once.
+    """
 
     def __init__(self, log: Log) -> None:
-        self.event = threading.Event()
+        self.requested = False
         self.in_tick = False
         self.log = log
+        self._read, self._write = socket.socketpair()
+        for end in (self._read, self._write):
+            end.setblocking(False)
 
     def __call__(self, signum, frame) -> None:
-        if self.event.is_set() and self.in_tick:
+        if self.requested and self.in_tick:
             raise KeyboardInterrupt
-        self.event.set()
+        self.requested = True
         if self.in_tick:
             self.log(f"{signal.Signals(signum).name}: stopping after this tick; send it again to stop now")
+
+    def __enter__(self) -> "_Shutdown":
+        self._previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._read.close()
+        self._write.close()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; a signal (any, once the handlers are in) ends it at once."""
+        select.select([self._read], [], [], seconds)
+        try:
+            while self._read.recv(64):
+                pass
+        except BlockingIOError:
+            pass
 
 
 def run_schedule(spec: ScheduleSpec, *, once: bool = False, log: Log = _stderr, now: Callable[[], datetime] | None = None) -> int:
@@ -439,8 +469,7 @@ def run_schedule(spec: ScheduleSpec, *, once: bool = False, log: Log = _stderr, 
         from pipeline.cluster import connect
 
         connect(None)
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop:
         if once:
             stop.in_tick = True
             row = run_tick(spec, previous_tick(spec, clock()), log=log)
@@ -448,12 +477,12 @@ def run_schedule(spec: ScheduleSpec, *, once: bool = False, log: Log = _stderr, 
         tick = next_tick(spec, clock())
         while True:
             log(f"next tick {tick.isoformat()}")
-            while not stop.event.is_set():
+            while not stop.requested:
                 left = (tick - clock()).total_seconds()
                 if left <= 0:
                     break
-                stop.event.wait(min(left, 60.0))
-            if stop.event.is_set():
+                stop.wait(min(left, 60.0))
+            if stop.requested:
                 log("stopped")
                 return 0
             stop.in_tick = True
@@ -462,10 +491,7 @@ def run_schedule(spec: ScheduleSpec, *, once: bool = False, log: Log = _stderr, 
             except SatsegError as err:  # e.g. the cluster is down tonight: say so, and wait for the next tick
                 log(f"tick {run_id_of(tick)}: not run: {err}")
             stop.in_tick = False
-            if stop.event.is_set():
+            if stop.requested:
                 log("stopped")
                 return 0
             tick = next_tick(spec, max(clock(), tick))
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

@@ -284,3 +284,21 @@ def test_the_loop_shuts_down_cleanly_on_a_signal(site, sig):
     lock = ScheduleLock(site / "results" / "schedule.lock")
     assert not (site / "results").exists() or lock.acquire("nightly")
     lock.release()
+
+
+def test_a_signal_ends_the_schedulers_wait_at_once_and_its_handler_takes_no_lock():
+    """The handler runs in the main thread between two bytecodes: it only sets a flag (an Event.set there waited
+    for the lock Event.wait holds on entry, and hung `satseg schedule` for good); the wait ends on the wakeup fd."""
+    import threading
+
+    from pipeline.schedule import _Shutdown
+
+    with _Shutdown(log=lambda m: None) as stop:
+        main_thread = threading.main_thread().ident
+        timer = threading.Timer(0.3, signal.pthread_kill, (main_thread, signal.SIGTERM))
+        timer.start()
+        started = time.monotonic()
+        stop.wait(60.0)
+        assert stop.requested and time.monotonic() - started < 10
+        timer.join()
+    assert signal.getsignal(signal.SIGTERM) is not stop and signal.set_wakeup_fd(-1) == -1  # both put back
