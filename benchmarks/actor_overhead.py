@@ -77,12 +77,11 @@ def in_actors(source: ModelSource, n_tiles: int, tile: int, cores: int, mode: st
     cls = ray.remote(_Timer).options(num_cpus=0, scheduling_strategy="SPREAD")
     actors = [cls.remote(source, tile, mode) for _ in range(cores)]
     ray.get([a.ready.remote() for a in actors])
-    shares = [n_tiles // cores + (i < n_tiles % cores) for i in range(cores)]
     start_at = time.time() + 1.0
-    spans = ray.get([a.run.remote(k, start_at) for a, k in zip(actors, shares)])
+    spans = ray.get([a.run.remote(k, start_at) for a, k in zip(actors, _bench().shares_of(n_tiles, cores))])
     for a in actors:
         ray.kill(a)
-    return max(end for _, end in spans) - min(start for start, _ in spans)
+    return _bench().span_of(spans)
 
 
 def main() -> None:

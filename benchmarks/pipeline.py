@@ -60,14 +60,14 @@ def _pss_tree(root: int) -> int:
                         break
         except (OSError, ValueError, IndexError):
             continue
-    total = 0
-    for pid in pss:
-        p = pid
-        while p and p != root:
-            p = parents.get(p, 0)
-        if p == root:
-            total += pss[pid]
-    return total
+    return sum(size for pid, size in pss.items() if _descends_from(pid, root, parents))
+
+
+def _descends_from(pid: int, root: int, parents: dict[int, int]) -> bool:
+    """Whether ``pid`` is ``root`` or one of its descendants, by the parent of each process (``parents``)."""
+    while pid and pid != root:
+        pid = parents.get(pid, 0)
+    return pid == root
 
 
 def _lowest_priority() -> None:
@@ -166,10 +166,19 @@ def per_core(share, args_of, n_tiles: int, cores: int) -> float:
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     barrier = manager.Barrier(cores)
-    shares = [n_tiles // cores + (i < n_tiles % cores) for i in range(cores)]
     with ctx.Pool(cores) as pool:
-        spans = pool.map(share, [args_of(k, barrier) for k in shares])
+        spans = pool.map(share, [args_of(k, barrier) for k in shares_of(n_tiles, cores)])
     manager.shutdown()
+    return span_of(spans)
+
+
+def shares_of(n_tiles: int, cores: int) -> list[int]:
+    """``n_tiles`` split over ``cores`` workers as evenly as whole tiles allow."""
+    return [n_tiles // cores + (i < n_tiles % cores) for i in range(cores)]
+
+
+def span_of(spans: list[tuple[float, float]]) -> float:
+    """Wall seconds from the first start to the last finish of workers' (start, end) times."""
     return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
@@ -322,7 +331,7 @@ class CpuAccount:
     def __init__(self, interval: float = 1.0):
         self.interval, self._stop = interval, threading.Event()
         self.seconds: dict[str, float] = {}
-        self._last: dict[str, float] = {}
+        self._last: dict[int, float] = {}
 
     @staticmethod
     def _idle() -> float:
@@ -333,17 +342,14 @@ class CpuAccount:
     def _sample(self, first: bool = False) -> None:
         me = os.getpid()
         table = {int(d): info for d in os.listdir("/proc") if d.isdigit() and (info := _proc_cpu(d))}
-        for pid, (parent, used, name) in table.items():
-            p = pid
-            while p and p != me:
-                p = table[p][0] if p in table else 0
-            if p != me:
+        parents = {pid: info[0] for pid, info in table.items()}
+        for pid, (_, used, name) in table.items():
+            if not _descends_from(pid, me, parents):
                 continue
-            key = str(pid)
-            before = self._last.get(key, used if first else 0.0)
+            before = self._last.get(pid, used if first else 0.0)
             label = "driver" if pid == me else name
             self.seconds[label] = self.seconds.get(label, 0.0) + used - before
-            self._last[key] = used
+            self._last[pid] = used
 
     def __enter__(self):
         self._idle0, self._t0 = self._idle(), time.perf_counter()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import SpecError
+from tests.test_export import _randomise_batch_norm
 from workers.models import create_model
 from workers.models.pretrained import load_pretrained
 
@@ -106,12 +107,7 @@ class _SemsegPSPNet(nn.Module):  # semseg model/pspnet.py, eval mode (no aux), z
 def _reference(seed: int = 0) -> _SemsegPSPNet:
     torch.manual_seed(seed)
     model = _SemsegPSPNet()
-    for m in model.modules():  # non-trivial batch norm, so eval-mode batch norm is not the identity
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+    _randomise_batch_norm(model)
     return model.eval()
 
 
